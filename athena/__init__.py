@@ -1,0 +1,3 @@
+"""Athena: experiments on small recursive-reasoning models and efficient adaptation."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""Tiny Recursive Model (TRM), "Less is More: Recursive Reasoning with Tiny Networks" (Jolicoeur-Martineau, 2025).
+
+One tiny network `net` is applied recursively to two states over the whole (puzzle prefix + puzzle) sequence:
+    y (z_H): the current answer, decoded by lm_head;   z (z_L): a latent reasoning state.
+One supervision step:
+    H_cycles - 1 times without grad, then once with grad:
+        L_cycles times:  z = net(z + y + x)      # refine the latent given question x and answer y
+        y = net(y + z)                           # refine the answer from the latent
+Deep supervision: the (detached) states are carried to the next call through SupervisionCarry, and a halting
+head decides, per slot, when a puzzle is done so its slot can take a fresh one (ACT).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from athena.models.layers import Block, Linear, RotaryEmbedding, trunc_normal_
+from athena.models.losses import LOSS_TYPES, deep_supervision_loss
+from athena.models.puzzle_embedding import PuzzleEmbedding
+
+MIXERS = ("attention", "mlp")
+
+
+@dataclass
+class SupervisionCarry:
+    """State carried between supervision steps; each batch slot is an independent puzzle attempt."""
+
+    z_H: torch.Tensor  # (B, puzzle_emb_len + seq_len, hidden) answer state y, detached
+    z_L: torch.Tensor  # (B, puzzle_emb_len + seq_len, hidden) latent state z, detached
+    steps: torch.Tensor  # (B,) int32 supervision steps taken by the slot's current puzzle
+    halted: torch.Tensor  # (B,) bool: the slot finished last call and takes new data on the next one
+    current_data: dict[str, torch.Tensor]  # the batch each slot is working on: inputs, labels, puzzle_identifiers
+
+
+@dataclass
+class SupervisionOutput:
+    loss: torch.Tensor  # scalar: SUM over the batch of (lm_loss + halt_loss_weight * q_halt_bce)
+    metrics: dict[str, torch.Tensor]  # 0-d float32 SUMS over slots that halted this step (see losses.py)
+    logits: torch.Tensor  # (B, seq_len, vocab), puzzle cells only
+    q_halt_logits: torch.Tensor  # (B,) float32; > 0 means "halt"
+
+
+class ReasoningNet(nn.Module):
+    """The single tiny network of TRM: add the injection, then run `num_layers` post-norm blocks."""
+
+    def __init__(self, num_layers: int, **block_kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(**block_kwargs) for _ in range(num_layers))
+
+    def forward(
+        self,
+        h: torch.Tensor,  # (B, L, hidden)
+        injection: torch.Tensor,  # (B, L, hidden)
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        h = h + injection
+        for layer in self.layers:
+            if checkpoint:
+                h = activation_checkpoint(layer, h, cos, sin, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin)
+        return h  # (B, L, hidden)
+
+
+class TinyRecursiveModel(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_puzzle_identifiers: int,
+        hidden_size: int = 512,
+        num_heads: int = 8,
+        expansion: float = 4.0,
+        num_layers: int = 2,
+        H_cycles: int = 3,
+        L_cycles: int = 6,
+        halt_max_steps: int = 16,
+        halt_exploration_prob: float = 0.1,
+        puzzle_emb_len: int = 16,
+        mixer: str = "attention",
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-5,
+        halt_loss_weight: float = 0.5,
+        gradient_checkpointing: bool = False,
+        loss_type: str = "stablemax",
+        puzzle_emb_dim: int | None = None,
+    ):
+        """puzzle_emb_dim: learned values per puzzle identifier; None = hidden_size as in official TRM (only the
+        first of the puzzle_emb_len prefix tokens is learned, the rest are zeros). Up to puzzle_emb_len*hidden."""
+        super().__init__()
+        if puzzle_emb_dim is None:
+            puzzle_emb_dim = hidden_size
+        _validate(dict(locals()))
+
+        self.vocab_size, self.seq_len, self.hidden_size = vocab_size, seq_len, hidden_size
+        self.num_heads, self.num_layers, self.mixer = num_heads, num_layers, mixer
+        self.H_cycles, self.L_cycles = H_cycles, L_cycles
+        self.halt_max_steps, self.halt_exploration_prob = halt_max_steps, halt_exploration_prob
+        self.halt_loss_weight, self.loss_type = halt_loss_weight, loss_type
+        self.puzzle_emb_len = puzzle_emb_len
+        self.gradient_checkpointing = gradient_checkpointing
+        self.total_len = puzzle_emb_len + seq_len  # the network runs over the puzzle prefix + the puzzle
+
+        # Input: token embedding with std 1/sqrt(hidden), scaled by sqrt(hidden) -> unit-scale inputs.
+        self.embed_scale = math.sqrt(hidden_size)
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        trunc_normal_(self.embed_tokens.weight, std=1.0 / self.embed_scale)
+        self.puzzle_embedding = None
+        if puzzle_emb_len > 0:
+            self.puzzle_embedding = PuzzleEmbedding(num_puzzle_identifiers, puzzle_emb_dim, puzzle_emb_len, hidden_size)
+        self.rotary = None  # the MLP mixer has no attention, hence no positions to rotate
+        if mixer == "attention":
+            self.rotary = RotaryEmbedding(hidden_size // num_heads, self.total_len, rope_theta)
+
+        self.net = ReasoningNet(
+            num_layers,
+            hidden_size=hidden_size,
+            num_heads=num_heads,
+            expansion=expansion,
+            mixer=mixer,
+            total_len=self.total_len,
+            eps=rms_norm_eps,
+        )
+
+        # Fixed (not learned) starting points of y and z, broadcast to every position of a fresh slot.
+        self.register_buffer("H_init", trunc_normal_(torch.empty(hidden_size), std=1.0))  # (hidden,)
+        self.register_buffer("L_init", trunc_normal_(torch.empty(hidden_size), std=1.0))  # (hidden,)
+
+        self.lm_head = Linear(hidden_size, vocab_size)
+        # Outputs (halt, continue); TRM only trains halt. Start at "never halt" (sigmoid(-5) ~ 0.007) so early
+        # training uses all supervision steps instead of halting on noise.
+        self.q_head = Linear(hidden_size, 2, bias=True)
+        with torch.no_grad():
+            self.q_head.weight.zero_()
+            self.q_head.bias.fill_(-5.0)
+
+    # ---- forward pieces, in data-flow order ----
+
+    def embed_input(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
+        """inputs (B, seq_len), puzzle_identifiers (B,) -> x (B, puzzle_emb_len + seq_len, hidden)."""
+        x = self.embed_tokens(inputs)  # (B, seq_len, hidden)
+        if self.puzzle_embedding is not None:
+            x = torch.cat((self.puzzle_embedding(puzzle_identifiers).to(x.dtype), x), dim=1)  # (B, total_len, hidden)
+        return self.embed_scale * x
+
+    def reset_slots(self, carry: SupervisionCarry, batch: dict[str, torch.Tensor]):
+        """Slots that halted last call restart: fresh y/z, steps 0, and the new batch's data in that slot."""
+        fresh = carry.halted  # (B,)
+        z_H = torch.where(fresh[:, None, None], self.H_init, carry.z_H)  # (B, L, hidden)
+        z_L = torch.where(fresh[:, None, None], self.L_init, carry.z_L)
+        steps = torch.where(fresh, 0, carry.steps)
+        data = {}
+        for k, old in carry.current_data.items():
+            data[k] = torch.where(fresh.view(-1, *([1] * (old.ndim - 1))), batch[k], old)
+        return z_H, z_L, steps, data
+
+    def recurse(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One supervision step of recursion; only the last H cycle is differentiated (TRM's 1-step gradient)."""
+        cos, sin = self.rotary() if self.rotary is not None else (None, None)
+        with torch.no_grad():
+            for _ in range(self.H_cycles - 1):
+                for _ in range(self.L_cycles):
+                    z_L = self.net(z_L, z_H + x, cos, sin)
+                z_H = self.net(z_H, z_L, cos, sin)
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for _ in range(self.L_cycles):
+            z_L = self.net(z_L, z_H + x, cos, sin, checkpoint=ckpt)
+        z_H = self.net(z_H, z_L, cos, sin, checkpoint=ckpt)
+        return z_H, z_L
+
+    @torch.no_grad()
+    def decide_halt(self, steps: torch.Tensor, q_halt_logits: torch.Tensor) -> torch.Tensor:
+        """steps (B,) after this step, q_halt_logits (B,) -> halted (B,) bool. No host syncs."""
+        halted = steps >= self.halt_max_steps
+        # Eval always runs halt_max_steps, so every slot of an eval batch finishes together.
+        if self.training and self.halt_max_steps > 1:
+            halted = halted | (q_halt_logits > 0)
+            # Exploration: some slots must run a random minimum number of steps, so the Q head also sees (and
+            # learns from) states later than the ones it currently halts at. Redrawn every step, as in official TRM.
+            explore = torch.rand_like(q_halt_logits) < self.halt_exploration_prob
+            min_steps = explore * torch.randint_like(steps, low=2, high=self.halt_max_steps + 1)
+            halted = halted & (steps >= min_steps)
+        return halted
+
+    def forward(
+        self, carry: SupervisionCarry, batch: dict[str, torch.Tensor]
+    ) -> tuple[SupervisionCarry, SupervisionOutput]:
+        """One deep-supervision step. batch: inputs (B, seq_len), labels (B, seq_len), puzzle_identifiers (B,)."""
+        z_H, z_L, steps, data = self.reset_slots(carry, batch)
+        x = self.embed_input(data["inputs"], data["puzzle_identifiers"])  # (B, L, hidden)
+        z_H, z_L = self.recurse(z_H, z_L, x)
+
+        logits = self.lm_head(z_H[:, self.puzzle_emb_len :])  # (B, seq_len, vocab)
+        q_halt_logits = self.q_head(z_H[:, 0]).float()[:, 0]  # (B,) read from the first position
+        steps = steps + 1
+        halted = self.decide_halt(steps, q_halt_logits)
+
+        loss, metrics = deep_supervision_loss(
+            logits, data["labels"], q_halt_logits, halted, steps, self.loss_type, self.halt_loss_weight
+        )
+        new_carry = SupervisionCarry(z_H.detach(), z_L.detach(), steps, halted, data)
+        return new_carry, SupervisionOutput(loss, metrics, logits, q_halt_logits)
+
+    # ---- helpers for the trainer ----
+
+    def initial_carry(self, batch: dict[str, torch.Tensor]) -> SupervisionCarry:
+        """An all-halted carry, so the first forward loads `batch` into every slot and starts it fresh."""
+        B, device = batch["inputs"].shape[0], batch["inputs"].device
+        state = torch.zeros(B, self.total_len, self.hidden_size, dtype=self.H_init.dtype, device=device)
+        return SupervisionCarry(
+            z_H=state,
+            z_L=state.clone(),
+            steps=torch.zeros(B, dtype=torch.int32, device=device),
+            halted=torch.ones(B, dtype=torch.bool, device=device),
+            current_data={k: torch.zeros_like(v) for k, v in batch.items()},
+        )
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(dense params for AdamAtan2, puzzle-embedding params for SignSGD)."""
+        sparse = list(self.puzzle_embedding.parameters()) if self.puzzle_embedding is not None else []
+        sparse_ids = {id(p) for p in sparse}
+        dense = [p for p in self.parameters() if id(p) not in sparse_ids]
+        return dense, sparse
+
+    def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
+        """Trainable parameter count; the puzzle table is excluded by default (it scales with the dataset)."""
+        dense, sparse = self.param_groups()
+        return sum(p.numel() for p in dense + (sparse if include_puzzle_embedding else []))
+
+    def extra_repr(self) -> str:
+        return (
+            f"mixer={self.mixer}, hidden={self.hidden_size}, layers={self.num_layers}, H_cycles={self.H_cycles}, "
+            f"L_cycles={self.L_cycles}, halt_max_steps={self.halt_max_steps}, puzzle_emb_len={self.puzzle_emb_len}, "
+            f"params={self.num_parameters() / 1e6:.2f}M"
+        )
+
+
+def _validate(args: dict) -> None:
+    """Raise one clear ValueError for the first bad constructor argument (args: the constructor's locals)."""
+    a = args
+    hidden, heads, plen = a["hidden_size"], a["num_heads"], a["puzzle_emb_len"]
+    checks = [
+        (a["mixer"] in MIXERS, f"mixer must be one of {MIXERS}, got {a['mixer']!r}"),
+        (a["loss_type"] in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {a['loss_type']!r}"),
+        (a["vocab_size"] >= 1 and a["seq_len"] >= 1,
+         f"vocab_size and seq_len must be >= 1, got {a['vocab_size']} and {a['seq_len']}"),
+        (hidden >= 1 and a["num_layers"] >= 1,
+         f"hidden_size, num_layers must be >= 1, got {hidden}, {a['num_layers']}"),
+        (heads >= 1 and hidden % heads == 0, f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"),
+        (a["mixer"] != "attention" or (hidden // max(heads, 1)) % 2 == 0,
+         f"head dim hidden_size/num_heads = {hidden // max(heads, 1)} must be even for RoPE"),
+        (a["expansion"] > 0, f"expansion must be > 0, got {a['expansion']}"),
+        (a["H_cycles"] >= 1, f"H_cycles must be >= 1, got {a['H_cycles']}"),
+        (a["L_cycles"] >= 1, f"L_cycles must be >= 1, got {a['L_cycles']}"),
+        (a["halt_max_steps"] >= 1, f"halt_max_steps must be >= 1, got {a['halt_max_steps']}"),
+        (0.0 <= a["halt_exploration_prob"] <= 1.0,
+         f"halt_exploration_prob must be in [0, 1], got {a['halt_exploration_prob']}"),
+        (plen >= 0, f"puzzle_emb_len must be >= 0 (0 disables the puzzle embedding), got {plen}"),
+        (plen == 0 or a["num_puzzle_identifiers"] >= 1,
+         f"num_puzzle_identifiers must be >= 1 when puzzle_emb_len > 0, got {a['num_puzzle_identifiers']}"),
+        (plen == 0 or 1 <= a["puzzle_emb_dim"] <= plen * hidden,
+         f"puzzle_emb_dim must be in [1, puzzle_emb_len*hidden_size={plen * hidden}], got {a['puzzle_emb_dim']}"),
+        (a["rope_theta"] > 0 and a["rms_norm_eps"] > 0,
+         f"rope_theta, rms_norm_eps must be > 0, got {a['rope_theta']}, {a['rms_norm_eps']}"),
+        (a["halt_loss_weight"] >= 0, f"halt_loss_weight must be >= 0, got {a['halt_loss_weight']}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(f"TinyRecursiveModel: {message}")
