@@ -1,0 +1,185 @@
+"""Build datasets once and cache them: ensure_dataset(out_dir, {"_target_": "athena.data.sudoku.build_sudoku", ...}).
+
+Also the parallel, process-count-independent generation loop the builders share.
+
+CLI:  python -m athena.data.build TARGET OUT_DIR [key=value ...]
+      e.g. python -m athena.data.build sudoku data/sudoku-9x9 num_train=1000 num_test=1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import fcntl
+import importlib
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable
+
+from tqdm.auto import tqdm
+
+ALIASES = {
+    "sudoku": "athena.data.sudoku.build_sudoku",
+    "sudoku_extreme": "athena.data.sudoku.build_sudoku_extreme",
+    "maze": "athena.data.maze.build_maze",
+    "arc": "athena.data.arc.build_arc",
+}
+
+
+# ----------------------------------------------------------------------------------------------------- generation
+
+def num_processes(num_items: int) -> int:
+    return max(1, min(os.cpu_count() or 1, num_items))
+
+
+def parallel_map(fn: Callable, items: Iterable, *, desc: str) -> list:
+    """[fn(x) for x in items] over min(cpu_count, len(items)) processes, in order, with a progress bar.
+    `fn` must be a module-level function; determinism is the caller's job (seed each item from its index)."""
+    items = list(items)
+    processes = num_processes(len(items))
+    if processes == 1:
+        return [fn(x) for x in tqdm(items, desc=desc)]
+    with multiprocessing.Pool(processes) as pool:
+        chunksize = max(1, len(items) // (processes * 16))
+        return list(tqdm(pool.imap(fn, items, chunksize=chunksize), total=len(items), desc=desc))
+
+
+def generate_distinct(worker: Callable[[Any], tuple[Any, Hashable]], make_args: Callable[[int], Any], count: int, *,
+                      exclude: set | None = None, desc: str, max_attempts: int | None = None) -> list:
+    """Run `worker(make_args(i))` for i = 0, 1, 2, ... and keep, in index order, the first `count` results whose
+    key (the worker returns (item, key)) is new and not in `exclude`. Candidates are generated in parallel
+    chunks, but acceptance walks them in index order, so the result does not depend on the process count."""
+    seen = set(exclude or ())
+    accepted: list = []
+    next_index = 0
+    max_attempts = max_attempts if max_attempts is not None else 4 * count + 1000
+    progress = tqdm(total=count, desc=desc)
+    pool = multiprocessing.Pool(num_processes(count)) if num_processes(count) > 1 else None
+    try:
+        while len(accepted) < count:
+            if next_index >= max_attempts:
+                raise RuntimeError(
+                    f"{desc}: only {len(accepted)} distinct of {count} wanted after {next_index} attempts; "
+                    f"ask for fewer, or relax the constraints (size, min_difficulty, max_clues, min_path_len)")
+            need = count - len(accepted)
+            chunk = [make_args(i) for i in range(next_index, min(next_index + need + need // 10 + 8, max_attempts))]
+            next_index += len(chunk)
+            results = pool.imap(worker, chunk, chunksize=max(1, len(chunk) // 64)) if pool else map(worker, chunk)
+            for item, key in results:
+                if len(accepted) < count and key not in seen:
+                    seen.add(key)
+                    accepted.append(item)
+                    progress.update(1)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    return accepted
+
+
+# ----------------------------------------------------------------------------------------------------- caching
+
+def resolve_target(target: str) -> Callable:
+    target = ALIASES.get(target, target)
+    module_name, _, attr = target.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"cannot resolve dataset builder {target!r} ({error}); "
+                         f"use a dotted path like athena.data.sudoku.build_sudoku or one of {sorted(ALIASES)}") from None
+
+
+def _plain(value: Any) -> Any:
+    """JSON-able copy of a (possibly OmegaConf) config value, so specs compare by content."""
+    if isinstance(value, collections.abc.Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, collections.abc.Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+@contextmanager
+def _exclusive(path: Path):
+    """Inter-process lock, so concurrent launchers (e.g. several ranks) build a dataset only once."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
+    """Return `out_dir`, building it first unless out_dir/build.json equals `build`.
+
+    `build` = {"_target_": dotted path of a builder fn(out_dir, **kwargs), **kwargs}. A build goes into a temp
+    folder next to out_dir that is renamed into place only when complete, so a killed build leaves nothing
+    half-written. A folder holding a dataset but no build.json (e.g. one built by TRM's scripts) is used as is."""
+    out_dir = Path(out_dir)
+    spec = _plain(build)
+    if not isinstance(spec, dict) or "_target_" not in spec:
+        raise ValueError(f"dataset build spec needs a _target_ (builder function), got {spec!r}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        recorded = out_dir / "build.json"
+        if recorded.is_file() and json.loads(recorded.read_text()) == spec:
+            print(f"reusing dataset at {out_dir}")
+            return out_dir
+        if not recorded.exists() and (out_dir / "train" / "dataset.json").is_file():
+            print(f"using dataset at {out_dir} as is (it has no build.json to compare the build spec with)")
+            return out_dir
+
+        builder = resolve_target(spec["_target_"])
+        kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+        print(f"building dataset at {out_dir}: {spec}")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        try:
+            builder(tmp, **kwargs)
+            (tmp / "build.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
+            if out_dir.exists():  # a stale build of different parameters: move it aside, then delete
+                stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
+                os.rename(out_dir, stale / "old")
+                os.rename(tmp, out_dir)
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                os.rename(tmp, out_dir)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m athena.data.build",
+        description="Build (or reuse) a puzzle dataset. Values are parsed as JSON when they can be "
+                    "(num_train=1000, diagonal=true), else kept as strings.")
+    parser.add_argument("target", help=f"builder: one of {sorted(ALIASES)} or a dotted path")
+    parser.add_argument("out_dir", help="dataset folder to create")
+    parser.add_argument("params", nargs="*", metavar="key=value", help="builder keyword arguments")
+    args = parser.parse_args(argv)
+    spec: dict[str, Any] = {"_target_": ALIASES.get(args.target, args.target)}
+    for param in args.params:
+        key, sep, value = param.partition("=")
+        if not sep:
+            parser.error(f"expected key=value, got {param!r}")
+        spec[key] = _parse_value(value)
+    print(ensure_dataset(args.out_dir, spec))
+
+
+if __name__ == "__main__":
+    main()

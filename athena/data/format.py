@@ -1,0 +1,301 @@
+"""The on-disk puzzle dataset format (TRM-compatible), its writer, loader and batch sampler.
+
+<root>/<split>/dataset.json + all__{inputs,labels,puzzle_identifiers,puzzle_indices,group_indices}.npy
+    inputs, labels      (num_examples, seq_len) tokens, uint8 where the vocab allows, else int32
+    puzzle_identifiers  (num_puzzles,) int32
+    puzzle_indices      (num_puzzles + 1,) int64: examples of puzzle p are [puzzle_indices[p], puzzle_indices[p+1])
+    group_indices       (num_groups + 1,) int64: puzzles of group g are [group_indices[g], group_indices[g+1])
+<root>/identifiers.json: identifier names, index 0 = "<blank>".
+
+A group is one original puzzle with all its augmentations. Training draws one puzzle per group per epoch,
+so augmentations add variety without inflating the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydantic
+import torch
+
+ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
+SETS = ("all",)
+
+
+class DatasetMetadata(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    seq_len: int
+    vocab_size: int
+    pad_id: int = 0
+    ignore_label_id: int | None = 0
+    blank_identifier_id: int = 0
+    num_puzzle_identifiers: int
+    total_groups: int
+    mean_puzzle_examples: float
+    total_puzzles: int | None = None  # optional: TRM's newer dataset.json files carry it
+    sets: list[str] = ["all"]
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint8) if vocab_size <= 256 else np.dtype(np.int32)
+
+
+def write_split(root: str | Path, split: str, arrays: dict[str, np.ndarray],
+                metadata: DatasetMetadata | dict) -> DatasetMetadata:
+    """Write one split. `metadata` may leave out the fields derived from the arrays
+    (total_groups, mean_puzzle_examples, total_puzzles); given ones must agree with the arrays."""
+    assert set(arrays) == set(ARRAY_NAMES), f"arrays must be exactly {ARRAY_NAMES}, got {sorted(arrays)}"
+    inputs, labels = np.asarray(arrays["inputs"]), np.asarray(arrays["labels"])
+    puzzle_identifiers = np.asarray(arrays["puzzle_identifiers"])
+    puzzle_indices = np.asarray(arrays["puzzle_indices"], dtype=np.int64)
+    group_indices = np.asarray(arrays["group_indices"], dtype=np.int64)
+    num_examples, num_puzzles = len(inputs), len(puzzle_identifiers)
+
+    meta = dict(metadata) if isinstance(metadata, dict) else metadata.model_dump()
+    derived = {"total_groups": len(group_indices) - 1, "total_puzzles": num_puzzles,
+               "mean_puzzle_examples": num_examples / max(num_puzzles, 1)}
+    for key, value in derived.items():
+        if meta.get(key) is not None:
+            assert abs(meta[key] - value) < 1e-6, f"metadata.{key}={meta[key]} but the arrays give {value}"
+        meta[key] = value
+    meta = DatasetMetadata(**meta)
+
+    assert inputs.ndim == 2 and inputs.shape == labels.shape, f"inputs {inputs.shape} vs labels {labels.shape}"
+    assert inputs.shape[1] == meta.seq_len, f"seq_len {meta.seq_len} but inputs are {inputs.shape}"
+    for name, tokens in (("inputs", inputs), ("labels", labels)):
+        assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < meta.vocab_size), \
+            f"{name} tokens outside [0, {meta.vocab_size})"
+    assert puzzle_identifiers.ndim == 1 and (num_puzzles == 0 or (
+        puzzle_identifiers.min() >= 0 and puzzle_identifiers.max() < meta.num_puzzle_identifiers)), \
+        "puzzle_identifiers outside [0, num_puzzle_identifiers)"
+    assert puzzle_indices.shape == (num_puzzles + 1,) and puzzle_indices[0] == 0 \
+        and puzzle_indices[-1] == num_examples and np.all(np.diff(puzzle_indices) > 0), \
+        "puzzle_indices must run 0 .. num_examples, every puzzle with at least one example"
+    assert group_indices.ndim == 1 and group_indices[0] == 0 and group_indices[-1] == num_puzzles \
+        and np.all(np.diff(group_indices) > 0), \
+        "group_indices must run 0 .. num_puzzles, every group with at least one puzzle"
+
+    out = Path(root) / split
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(meta.vocab_size)
+    np.save(out / "all__inputs.npy", inputs.astype(dtype, copy=False))
+    np.save(out / "all__labels.npy", labels.astype(dtype, copy=False))
+    np.save(out / "all__puzzle_identifiers.npy", puzzle_identifiers.astype(np.int32, copy=False))
+    np.save(out / "all__puzzle_indices.npy", puzzle_indices)
+    np.save(out / "all__group_indices.npy", group_indices)
+    (out / "dataset.json").write_text(meta.model_dump_json(indent=2))
+    return meta
+
+
+def write_identifiers(root: str | Path, names: list[str]) -> None:
+    assert names and names[0] == "<blank>", "identifier 0 must be '<blank>'"
+    Path(root).mkdir(parents=True, exist_ok=True)
+    (Path(root) / "identifiers.json").write_text(json.dumps(names))
+
+
+def one_example_per_puzzle(inputs: np.ndarray, labels: np.ndarray, group_sizes: np.ndarray) -> dict[str, np.ndarray]:
+    """Arrays for datasets where every puzzle is one example with identifier 0 (Sudoku, mazes):
+    `group_sizes[g]` consecutive puzzles form group g (an original and its augmentations)."""
+    n = len(inputs)
+    assert int(np.sum(group_sizes)) == n
+    return {
+        "inputs": inputs, "labels": labels,
+        "puzzle_identifiers": np.zeros(n, dtype=np.int32),
+        "puzzle_indices": np.arange(n + 1, dtype=np.int64),
+        "group_indices": np.concatenate([[0], np.cumsum(group_sizes)]).astype(np.int64),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+class PuzzleDataset(torch.utils.data.Dataset):
+    """Memory-mapped split. Index it with an index array, or with the sampler's (position, indices) tuple:
+
+    batch = {"inputs": (B, seq_len) int64, "labels": (B, seq_len) int64 (ignore_label_id -> -100),
+             "puzzle_identifiers": (B,) int64, "index": (B,) int64 example indices, ["position": int]}
+    """
+
+    def __init__(self, root: str | Path, split: str):
+        self.root, self.split = Path(root), split
+        folder = self.root / split
+        meta_path = folder / "dataset.json"
+        missing = [p for p in [meta_path] + [folder / f"all__{n}.npy" for n in ARRAY_NAMES] if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"dataset not found at {self.root} (expected {missing[0]}): build it with "
+                f"`python -m athena.data.build <name>` or check data.dir")
+        self.metadata = DatasetMetadata.model_validate_json(meta_path.read_text())
+        # Small index arrays are read eagerly (the sampler needs them); token arrays are opened lazily so
+        # that pickling the dataset into DataLoader workers does not copy them.
+        self.puzzle_identifiers = np.load(folder / "all__puzzle_identifiers.npy")
+        self.puzzle_indices = np.load(folder / "all__puzzle_indices.npy")
+        self.group_indices = np.load(folder / "all__group_indices.npy")
+        self._tokens: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.puzzle_indices[-1])
+
+    @property
+    def num_puzzles(self) -> int:
+        return len(self.puzzle_identifiers)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_indices) - 1
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def identifier_names(self) -> list[str]:
+        path = self.root / "identifiers.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def example_puzzle(self, indices: np.ndarray) -> np.ndarray:
+        """Puzzle index of each example index."""
+        return np.searchsorted(self.puzzle_indices, indices, side="right") - 1
+
+    def puzzle_group(self, puzzles: np.ndarray) -> np.ndarray:
+        """Group index of each puzzle index."""
+        return np.searchsorted(self.group_indices, puzzles, side="right") - 1
+
+    def tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, labels), memory-mapped."""
+        if self._tokens is None:
+            folder = self.root / self.split
+            self._tokens = (np.load(folder / "all__inputs.npy", mmap_mode="r"),
+                            np.load(folder / "all__labels.npy", mmap_mode="r"))
+        return self._tokens
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_tokens"] = None
+        return state
+
+    def __getitem__(self, item) -> dict:
+        position = None
+        if isinstance(item, tuple):
+            position, item = item
+        indices = np.array(item, dtype=np.int64, ndmin=1)  # a copy: torch takes ownership
+        inputs, labels = self.tokens()
+        batch_inputs = torch.from_numpy(inputs[indices].astype(np.int64))  # (B, seq_len)
+        batch_labels = torch.from_numpy(labels[indices].astype(np.int64))  # (B, seq_len)
+        if self.metadata.ignore_label_id is not None:
+            batch_labels[batch_labels == self.metadata.ignore_label_id] = -100
+        identifiers = self.puzzle_identifiers[self.example_puzzle(indices)].astype(np.int64)
+        batch = {"inputs": batch_inputs, "labels": batch_labels,
+                 "puzzle_identifiers": torch.from_numpy(identifiers), "index": torch.from_numpy(indices)}
+        if position is not None:
+            batch["position"] = int(position)
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+class PuzzleBatchSampler:
+    """Yields (batch_number, local example indices); hand it to
+    DataLoader(dataset, sampler=sampler, batch_size=None, ...).
+
+    train=True: an infinite stream of global batches of exactly `batch_size`. Epoch e is a function of
+      (seed, e) only: shuffle the groups, pick one random puzzle per group, take all its examples. Epochs are
+      concatenated and cut into batches (a batch may span two epochs); rank r gets slice r of each batch.
+      `start_batch=k` resumes exactly at global batch k.
+    train=False: one ordered pass over the split (or a fixed seeded subset of `max_examples`), batches of
+      `batch_size` with a smaller last one; each global batch is split across ranks (np.array_split), so
+      every rank yields the same number of batches and a rank's part of the last one may be small or empty.
+    """
+
+    def __init__(self, dataset: PuzzleDataset, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, max_examples: int | None = None, start_batch: int = 0):
+        if batch_size <= 0 or batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be a positive multiple of world_size {world_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.puzzle_indices = np.asarray(dataset.puzzle_indices, dtype=np.int64)
+        self.group_indices = np.asarray(dataset.group_indices, dtype=np.int64)
+        puzzle_sizes = np.diff(self.puzzle_indices)
+
+        if train:
+            # Expected epoch size: each group contributes the mean size of its puzzles.
+            group_of_puzzle = np.repeat(np.arange(len(self.group_indices) - 1), np.diff(self.group_indices))
+            group_puzzles = np.diff(self.group_indices)
+            self.examples_per_epoch = float(np.sum(puzzle_sizes / group_puzzles[group_of_puzzle]))
+            # When every puzzle has the same number of examples, every epoch has the same size.
+            self._fixed_epoch_size = (int(puzzle_sizes[0]) * (len(self.group_indices) - 1)
+                                      if len(puzzle_sizes) and puzzle_sizes.min() == puzzle_sizes.max() else None)
+        else:
+            n = int(self.puzzle_indices[-1])
+            if max_examples is not None and max_examples < n:
+                rng = np.random.default_rng([seed, 1234567])
+                self.eval_indices = np.sort(rng.choice(n, size=max_examples, replace=False)).astype(np.int64)
+            else:
+                self.eval_indices = np.arange(n, dtype=np.int64)
+            self.examples_per_epoch = float(len(self.eval_indices))
+
+    # ---- training stream
+    def _epoch_puzzles(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        groups = rng.permutation(len(self.group_indices) - 1)
+        first = self.group_indices[groups]
+        count = self.group_indices[groups + 1] - first
+        return first + np.minimum((rng.random(len(groups)) * count).astype(np.int64), count - 1)
+
+    def epoch_examples(self, epoch: int) -> np.ndarray:
+        """Example indices of training epoch `epoch`, in stream order."""
+        puzzles = self._epoch_puzzles(epoch)
+        starts = self.puzzle_indices[puzzles]
+        sizes = self.puzzle_indices[puzzles + 1] - starts
+        # Concatenated ranges [start, start + size) without a Python loop.
+        return np.repeat(starts - (np.cumsum(sizes) - sizes), sizes) + np.arange(int(sizes.sum()))
+
+    def _epoch_size(self, epoch: int) -> int:
+        if self._fixed_epoch_size is not None:
+            return self._fixed_epoch_size
+        puzzles = self._epoch_puzzles(epoch)
+        return int(np.sum(self.puzzle_indices[puzzles + 1] - self.puzzle_indices[puzzles]))
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(epoch, offset inside it) of stream position `position`, by arithmetic over epoch sizes."""
+        if self._fixed_epoch_size is not None:
+            return divmod(position, self._fixed_epoch_size)
+        epoch = 0
+        while position >= (size := self._epoch_size(epoch)):
+            position -= size
+            epoch += 1
+        return epoch, position
+
+    def _train_stream(self):
+        B, local = self.batch_size, self.batch_size // self.world_size
+        epoch, offset = self._locate(self.start_batch * B)
+        buffer = self.epoch_examples(epoch)[offset:]
+        batch_number = self.start_batch
+        while True:
+            while len(buffer) < B:
+                epoch += 1
+                buffer = np.concatenate([buffer, self.epoch_examples(epoch)])
+            batch, buffer = buffer[:B], buffer[B:]
+            yield batch_number, batch[self.rank * local:(self.rank + 1) * local]
+            batch_number += 1
+
+    # ---- evaluation pass
+    def eval_batch(self, batch_number: int) -> np.ndarray:
+        """This rank's example indices of evaluation batch `batch_number`."""
+        batch = self.eval_indices[batch_number * self.batch_size:(batch_number + 1) * self.batch_size]
+        return np.array_split(batch, self.world_size)[self.rank]
+
+    def __len__(self) -> int:
+        if self.train:
+            raise TypeError("the training sampler is an infinite stream and has no length")
+        return -(-len(self.eval_indices) // self.batch_size)
+
+    def __iter__(self):
+        if self.train:
+            return self._train_stream()
+        return ((b, self.eval_batch(b)) for b in range(self.start_batch, len(self)))
