@@ -1,0 +1,172 @@
+"""The schema of a whole run, checked before any compute.
+
+Hydra composes `conf/` into one tree; `validate_config` turns it into a `RunConfig` and stops with
+one line naming the offending key when a key is unknown, a value has the wrong type, or a value
+is impossible (negative lr, zero cycles, ...). Every `_target_` node keeps its name as `target`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from athena.errors import AthenaError
+
+
+class ConfigError(AthenaError, ValueError):
+    """A run configuration that cannot work; the message says which key and how to fix it."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+class TargetNode(Strict):
+    target: str = Field(alias="_target_")
+    partial: bool = Field(default=False, alias="_partial_")
+
+
+class TRMArch(TargetNode):
+    hidden_size: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    expansion: float = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    H_cycles: int = Field(ge=1)
+    L_cycles: int = Field(ge=1)
+    halt_max_steps: int = Field(ge=1)
+    halt_exploration_prob: float = Field(ge=0, le=1)
+    puzzle_emb_len: int = Field(ge=0)
+    mixer: Literal["attention", "mlp"]
+    rope_theta: float = Field(gt=0)
+    rms_norm_eps: float = Field(gt=0)
+    halt_loss_weight: float = Field(ge=0)
+    gradient_checkpointing: bool = False
+    loss_type: Literal["stablemax", "softmax"] = "stablemax"
+    puzzle_emb_dim: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TRMArch:
+        if self.mixer == "attention" and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class NamedOnly(Strict):
+    """Groups that only have `none` so far (adapter, freezing, exit)."""
+
+    name: Literal["none"]
+
+
+class DataConfig(Strict):
+    name: str
+    dir: str | None = None
+    build: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _build_has_target(self) -> DataConfig:
+        if "_target_" not in self.build:
+            raise ValueError("data.build needs a `_target_` naming the builder function")
+        return self
+
+
+class OptimizerNode(TargetNode):
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float] | None = None
+    eps: float | None = Field(default=None, gt=0)
+    fused: bool | None = None
+
+
+class OptimizerConfig(Strict):
+    name: str
+    model: OptimizerNode
+    puzzle_embedding: OptimizerNode
+
+
+class LoggerConfig(Strict):
+    name: Literal["none", "wandb"]
+    project: str = "athena"
+    entity: str | None = None
+    run_name: str | None = None
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tags: list[str] = []
+
+
+class TrainConfig(Strict):
+    global_batch_size: int = Field(gt=0)
+    steps: int | None = Field(default=None, gt=0)
+    epochs: float | None = Field(default=None, gt=0)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    puzzle_emb_lr: float = Field(gt=0)
+    puzzle_emb_weight_decay: float = Field(ge=0)
+    grad_accum_steps: int = Field(gt=0)
+    lr_warmup_steps: int = Field(ge=0)
+    lr_schedule: Literal["cosine", "constant"]
+    lr_min_ratio: float = Field(ge=0, le=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    precision: Literal["auto", "fp32", "bf16"]
+    compile: bool
+    ema_decay: float | None = Field(default=None, ge=0, lt=1)
+    num_workers: int = Field(ge=0)
+    log_every: int = Field(gt=0)
+    eval_every: int | None = Field(default=None, gt=0)
+    eval_examples: int | None = Field(default=None, gt=0)
+    eval_batch_size: int = Field(gt=0)
+    checkpoint_every: int | None = Field(default=None, gt=0)
+    keep_checkpoints: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _length_given_once(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
+        if self.global_batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
+            )
+        return self
+
+
+class RunConfig(Strict):
+    seed: int
+    device: str
+    resume: str
+    init_from: str | None = None
+    data_root: str
+    train: TrainConfig
+    arch: TRMArch
+    adapter: NamedOnly
+    data: DataConfig
+    optimizer: OptimizerConfig
+    freezing: NamedOnly
+    exit: NamedOnly
+    logger: LoggerConfig
+
+    @model_validator(mode="after")
+    def _device_known(self) -> RunConfig:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "config"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key (remove it, or check its spelling against conf/)"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        message = f"{message} (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    tail = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"invalid config: {where}: {message}{tail}"
+
+
+def validate_config(config: dict[str, Any]) -> RunConfig:
+    """Check a resolved config (plain dict) and return it typed; raise ConfigError with one line."""
+    config = {key: value for key, value in config.items() if key != "hydra"}
+    try:
+        return RunConfig.model_validate(config)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None

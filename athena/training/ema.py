@@ -1,0 +1,51 @@
+"""Exponential moving average of the weights; TRM evaluates and ships the EMA model."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class ModelEMA:
+    """Keeps a float32 shadow of the chosen parameters: shadow = decay * shadow + (1 - decay) * param.
+
+    The sparse puzzle embedding is left out (as in TRM): its rows move only when seen, so an
+    average over steps would mostly average stale rows.
+    """
+
+    def __init__(self, named_parameters: dict[str, nn.Parameter], decay: float):
+        self.decay = decay
+        self.params = named_parameters
+        self.shadow = {name: p.detach().float().clone() for name, p in named_parameters.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        shadow = list(self.shadow.values())
+        current = [p.detach().float() for p in self.params.values()]
+        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self):
+        """Temporarily swap the EMA weights into the model (for evaluation and saving)."""
+        backup = {name: p.detach().clone() for name, p in self.params.items()}
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.shadow[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(backup[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.clone() for name, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) ^ set(state)
+        if missing:
+            raise KeyError(f"EMA state does not match the model: {sorted(missing)[:3]}")
+        for name, t in state.items():
+            self.shadow[name].copy_(t)

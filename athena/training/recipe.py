@@ -1,0 +1,408 @@
+"""The pretraining recipe: explicit setup steps, one training loop, evaluation, checkpoints.
+
+    recipe = PretrainRecipe(run_config, run_dir, resolved_config_dict)
+    recipe.setup()      # data -> model -> optimisers -> EMA -> resume -> loggers
+    recipe.train()      # deep supervision through the carry; periodic eval + checkpoints
+    recipe.finish()     # full test eval with EMA weights, plots, final checkpoint
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from athena.config import RunConfig
+from athena.data.build import ensure_dataset
+from athena.data.format import PuzzleBatchSampler, PuzzleDataset
+from athena.errors import AthenaError
+from athena.eval.plots import plot_accuracy_by_step, plot_training_curve
+from athena.eval.puzzle_eval import PuzzleEvalResult, evaluate_puzzles
+from athena.models.trm import SupervisionCarry
+from athena.training.checkpoint import (
+    CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+from athena.training.ema import ModelEMA
+from athena.training.loggers import build_loggers
+from athena.training.schedule import lr_multiplier
+
+log = logging.getLogger("athena")
+
+# Config sections that must match for a checkpoint to continue this run.
+_MUST_MATCH = ("arch", "data", "adapter")
+
+
+class TrainingDiverged(AthenaError, RuntimeError):
+    """Loss or gradient norm stopped being finite."""
+
+
+class CompiledWithFallback:
+    """torch.compile(module), falling back to eager with one warning if compilation fails."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.compiled = torch.compile(module)
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if not self.failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # compiler or backend missing on this machine
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                log.warning("torch.compile failed (%s); continuing in eager mode", reason)
+                self.failed = True
+        return self.module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def dataset_dir(cfg: RunConfig) -> Path:
+    """data.dir, or <data_root>/<name>-<hash of the build spec> so each recipe gets its own cache."""
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    digest = hashlib.sha1(json.dumps(cfg.data.build, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(cfg.data_root) / f"{cfg.data.name}-{digest}"
+
+
+def build_model(cfg: RunConfig, metadata) -> torch.nn.Module:
+    """The arch node's `_target_`, sized by the dataset (vocab, sequence length, puzzle ids)."""
+    arch = cfg.arch.model_dump(by_alias=True)
+    arch.pop("_partial_", None)
+    return instantiate(arch, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
+                       num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+
+
+def carry_to_state(carry: SupervisionCarry | None) -> dict[str, Any] | None:
+    if carry is None:
+        return None
+    return {f.name: getattr(carry, f.name) for f in fields(carry)}
+
+
+def carry_from_state(state: dict[str, Any] | None, device: torch.device) -> SupervisionCarry | None:
+    if state is None:
+        return None
+    moved = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+             for k, v in state.items()}
+    return SupervisionCarry(**moved)
+
+
+class PretrainRecipe:
+    def __init__(self, cfg: RunConfig, run_dir: Path, config_dict: dict[str, Any]):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.config_dict = config_dict
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.batches_consumed = 0
+        self.carry: SupervisionCarry | None = None
+        self.wandb_run_id: str | None = None
+        self._stop_requested = False
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        self.device = pick_device(self.cfg.device)
+        self.autocast = self._autocast_factory()
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimizers()
+        self.ema = ModelEMA(self._ema_params(), self.cfg.train.ema_decay) if self.cfg.train.ema_decay else None
+        self._maybe_resume()
+        self._setup_train_loader()
+        self.loggers = build_loggers(self.cfg.logger, self.run_dir, self.config_dict, self.wandb_run_id, True)
+        self.wandb_run_id = self.loggers.wandb_run_id or self.wandb_run_id
+        (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2))
+
+    def _autocast_factory(self):
+        precision = self.cfg.train.precision
+        if precision == "auto":
+            precision = "bf16" if self.device.type == "cuda" else "fp32"
+        self.precision = precision
+        if precision == "bf16":
+            return partial(torch.autocast, device_type=self.device.type, dtype=torch.bfloat16)
+        return nullcontext
+
+    def _setup_data(self) -> None:
+        self.data_dir = ensure_dataset(dataset_dir(self.cfg), dict(self.cfg.data.build))
+        self.train_set = PuzzleDataset(self.data_dir, "train")
+        self.test_set = PuzzleDataset(self.data_dir, "test")
+        self.metadata = self.train_set.metadata
+        t = self.cfg.train
+        probe = PuzzleBatchSampler(self.train_set, t.global_batch_size, train=True, seed=self.cfg.seed)
+        self.examples_per_epoch = probe.examples_per_epoch
+        self.total_steps = t.steps or max(1, math.ceil(t.epochs * self.examples_per_epoch / t.global_batch_size))
+        log.info("data %s: %d train / %d test examples, seq_len %d, vocab %d (%s)", self.cfg.data.name,
+                 len(self.train_set), len(self.test_set), self.metadata.seq_len, self.metadata.vocab_size, self.data_dir)
+
+    def _setup_model(self) -> None:
+        model = build_model(self.cfg, self.metadata)
+        if self.cfg.init_from:
+            self._load_init_weights(model, Path(self.cfg.init_from))
+        self.model = model.to(self.device)
+        self.forward = self.model
+        if self.cfg.train.compile:
+            self.forward = CompiledWithFallback(self.model)
+        dense, sparse = self.model.param_groups()
+        log.info("device %s (%s), model %s with %.2fM parameters (%.2fM in the puzzle embedding)",
+                 self.device, self.precision, type(model).__name__,
+                 sum(p.numel() for p in dense + sparse) / 1e6, sum(p.numel() for p in sparse) / 1e6)
+
+    def _load_init_weights(self, model: torch.nn.Module, path: Path) -> None:
+        state = load_checkpoint(path)
+        weights = dict(state["model"])
+        if state.get("ema"):
+            weights.update(state["ema"])  # the EMA weights are the ones evaluated and shipped
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or missing:
+            raise CheckpointError(f"init_from={path} does not fit this arch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        log.info("initialised weights from %s", path)
+
+    def _setup_optimizers(self) -> None:
+        dense, sparse = self.model.param_groups()
+        node = self.cfg.optimizer.model.model_dump(by_alias=True, exclude_none=True)
+        if "fused" in self.cfg.optimizer.model.model_fields_set and self.cfg.optimizer.model.fused is None:
+            node["fused"] = self.device.type == "cuda"
+        self.optimizers = [instantiate(node)(dense)]
+        if sparse:
+            sparse_node = self.cfg.optimizer.puzzle_embedding.model_dump(by_alias=True, exclude_none=True)
+            self.optimizers.append(instantiate(sparse_node)(sparse))
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["peak_lr"] = group["lr"]
+        self.dense_params = dense
+
+    def _ema_params(self) -> dict[str, torch.nn.Parameter]:
+        sparse_ids = {id(p) for p in self.model.param_groups()[1]}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in sparse_ids}
+
+    def _setup_train_loader(self) -> None:
+        t = self.cfg.train
+        self.train_sampler = PuzzleBatchSampler(self.train_set, t.global_batch_size, train=True, seed=self.cfg.seed,
+                                                start_batch=self.batches_consumed)
+        self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, batch_size=None,
+                                       num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
+                                       persistent_workers=t.num_workers > 0)
+
+    def eval_loader(self, max_examples: int | None) -> DataLoader:
+        sampler = PuzzleBatchSampler(self.test_set, self.cfg.train.eval_batch_size, train=False, seed=self.cfg.seed,
+                                     max_examples=max_examples)
+        return DataLoader(self.test_set, sampler=sampler, batch_size=None, num_workers=0,
+                          pin_memory=self.device.type == "cuda")
+
+    # ----------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "step": self.step,
+            "batches_consumed": self.batches_consumed,
+            "carry": carry_to_state(self.carry),
+            "rng": rng_state(),
+            "config": self.config_dict,
+            "wandb_run_id": self.wandb_run_id,
+        }
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.cfg.train.keep_checkpoints)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _maybe_resume(self) -> None:
+        resume = self.cfg.resume
+        if resume == "none":
+            return
+        if resume == "auto":
+            path = find_resume_checkpoint(self.checkpoint_dir)
+            if path is None:
+                log.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_dir)
+                return
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        if state["format"] == "weights-only":
+            self.model.load_state_dict(state["model"])
+            log.warning("%s holds weights only: optimizer, EMA and data position start fresh", path)
+            return
+        self._check_config_matches(state.get("config") or {}, path)
+        self.model.load_state_dict(state["model"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        self.step = state["step"]
+        self.batches_consumed = state["batches_consumed"]
+        self.carry = carry_from_state(state.get("carry"), self.device)
+        self.wandb_run_id = state.get("wandb_run_id")
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _check_config_matches(self, saved: dict[str, Any], path: Path) -> None:
+        differing = [
+            f"{section}.{key}" for section in _MUST_MATCH
+            for key in sorted(set(saved.get(section, {})) | set(self.config_dict.get(section, {})))
+            if saved.get(section, {}).get(key) != self.config_dict.get(section, {}).get(key)
+        ]
+        if differing:
+            raise CheckpointError(
+                f"checkpoint {path} was trained with a different config ({', '.join(differing[:6])}); "
+                "resume with the same arch/data/adapter, or use init_from= to start a new run from its weights"
+            )
+
+    # ----------------------------------------------------------------- training
+    def _set_lr(self) -> float:
+        t = self.cfg.train
+        factor = lr_multiplier(self.step, warmup_steps=t.lr_warmup_steps, total_steps=self.total_steps,
+                               kind=t.lr_schedule, min_ratio=t.lr_min_ratio)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["peak_lr"] * factor
+        return self.optimizers[0].param_groups[0]["lr"]
+
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        t = self.cfg.train
+        lr = self._set_lr()
+        chunks = t.grad_accum_steps
+        micro = [{k: v.chunk(chunks)[i] for k, v in batch.items()} for i in range(chunks)]
+        carries = self.carry if isinstance(self.carry, list) else [self.carry] * chunks if chunks > 1 else [self.carry]
+        sums: dict[str, torch.Tensor] = {}
+        new_carries = []
+        for carry, part in zip(carries, micro):
+            if carry is None:
+                carry = self.model.initial_carry(part)
+            with self.autocast():
+                carry, out = self.forward(carry, part)
+            (out.loss / t.global_batch_size).backward()
+            new_carries.append(carry)
+            for key, value in out.metrics.items():
+                sums[key] = sums.get(key, 0) + value.detach().double()
+            sums["loss"] = sums.get("loss", 0) + out.loss.detach().double()
+        self.carry = new_carries[0] if chunks == 1 else new_carries
+        max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
+        for opt in self.optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.ema:
+            self.ema.update()
+        sums["grad_norm"] = grad_norm.detach().double()
+        sums["lr"] = torch.tensor(lr, dtype=torch.float64)
+        return sums, grad_norm
+
+    def _summarise(self, window: dict[str, torch.Tensor], n_steps: int, seconds: float) -> dict[str, float]:
+        values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in window.items()}
+        count = max(1.0, values.get("count", 0.0))
+        out = {f"train/{k}": values[k] / count for k in
+               ("lm_loss", "q_halt_loss", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps") if k in values}
+        out["train/loss"] = values["loss"] / (n_steps * self.cfg.train.global_batch_size)
+        out["train/grad_norm"] = values["grad_norm"] / n_steps
+        out["train/lr"] = values["lr"] / n_steps
+        out["train/halted_per_step"] = values.get("count", 0.0) / n_steps
+        out["train/samples_per_s"] = n_steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
+        out["train/epoch"] = self.batches_consumed * self.cfg.train.global_batch_size / self.examples_per_epoch
+        return out
+
+    def _on_signal(self, signum, frame) -> None:
+        log.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+        self._stop_requested = True
+
+    def train(self) -> None:
+        t = self.cfg.train
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        window: dict[str, torch.Tensor] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2.0)
+        batches = iter(self.train_loader)
+        try:
+            while self.step < self.total_steps:
+                batch = next(batches)
+                position = batch.pop("position")
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                sums, _ = self._train_step(batch)
+                self.step += 1
+                self.batches_consumed = position + 1
+                for key, value in sums.items():
+                    window[key] = window.get(key, 0) + value
+                window_steps += 1
+                bar.update(1)
+
+                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                    metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
+                    self._check_finite(metrics)
+                    self.loggers.log(metrics, self.step)
+                    bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}" if "train/lm_loss" in metrics else "-",
+                                    exact=f"{metrics.get('train/exact_accuracy', 0):.3f}")
+                    window, window_steps, window_start = {}, 0, time.perf_counter()
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                    result = self.evaluate(max_examples=t.eval_examples)
+                    self.loggers.log(result.metrics(), self.step)
+                    bar.write(f"step {self.step}: eval exact accuracy {100 * result.exact_accuracy:.1f}% "
+                              f"(token {100 * result.token_accuracy:.1f}%, n={result.count})")
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self._stop_requested:
+                    self.save()
+                if self._stop_requested:
+                    raise KeyboardInterrupt("stopped by signal; checkpoint saved")
+        finally:
+            bar.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(metrics[k])]
+        if bad:
+            last = self.checkpoint_dir / "last.pt"
+            where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(
+                f"{bad[0]} became {metrics[bad[0]]} by step {self.step} ({where}); "
+                "lower train.lr, keep train.grad_clip set, or try train.precision=fp32"
+            )
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluate(self, max_examples: int | None, progress: bool = False) -> PuzzleEvalResult:
+        ema = self.ema.applied() if self.ema else nullcontext()
+        with ema:
+            return evaluate_puzzles(self.forward, self.eval_loader(max_examples), self.device,
+                                    halt_max_steps=self.cfg.arch.halt_max_steps, autocast=self.autocast,
+                                    progress=progress)
+
+    def finish(self) -> PuzzleEvalResult:
+        """Full test split with the EMA weights; eval/final.json, plots, and a last checkpoint."""
+        if not (self.checkpoint_dir / f"step_{self.step}.pt").exists():
+            self.save()
+        result = self.evaluate(max_examples=None, progress=True)
+        self.loggers.log(result.metrics(), self.step)
+        eval_dir = self.run_dir / "eval"
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / "final.json").write_text(json.dumps({"step": self.step, **result.summary()}, indent=2))
+        images = {"eval/accuracy_by_step": plot_accuracy_by_step(
+            result.exact_accuracy_by_step, result.halt_step_counts, eval_dir / "accuracy_by_step.png",
+            title=f"{self.cfg.data.name}, step {self.step}")}
+        curve = plot_training_curve(self.run_dir / "metrics.jsonl", eval_dir / "training_curve.png")
+        if curve:
+            images["eval/training_curve"] = curve
+        self.loggers.log_images(images, self.step)
+        self.loggers.finish()
+        return result

@@ -1,0 +1,94 @@
+"""Evaluate a checkpoint on a puzzle test split.
+
+    python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt
+    python evaluate.py checkpoint=... data=sudoku_x eval.max_examples=1000 eval.weights=raw
+
+Uses the config stored in the checkpoint (arch, data), the EMA weights by default, and writes
+eval/<name>.json plus plots (accuracy per ACT step, halting histogram) next to the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("athena")
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    import torch
+    from torch.utils.data import DataLoader
+
+    from athena.config import validate_config
+    from athena.data.build import ensure_dataset
+    from athena.data.format import PuzzleBatchSampler, PuzzleDataset
+    from athena.eval.plots import plot_accuracy_by_step
+    from athena.eval.puzzle_eval import evaluate_puzzles
+    from athena.training.checkpoint import CheckpointError, load_checkpoint
+    from athena.training.recipe import build_model, dataset_dir, pick_device
+
+    checkpoint = Path(cfg.checkpoint)
+    state = load_checkpoint(checkpoint)
+    if state["format"] == "weights-only" or not state.get("config"):
+        raise CheckpointError(f"{checkpoint} carries no run config; evaluate a checkpoint written by pretrain.py")
+    stored = dict(state["config"])
+    if cfg.get("data") is not None:
+        stored["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    stored["data_root"] = cfg.data_root
+    run_cfg = validate_config(stored)
+
+    device = pick_device(cfg.eval.device)
+    data_dir = ensure_dataset(dataset_dir(run_cfg), dict(run_cfg.data.build))
+    test_set = PuzzleDataset(data_dir, "test")
+    model = build_model(run_cfg, test_set.metadata)
+    weights = dict(state["model"])
+    if cfg.eval.weights == "ema":
+        if not state.get("ema"):
+            raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use eval.weights=raw")
+        weights.update(state["ema"])
+    model.load_state_dict(weights)
+    model.to(device).eval()
+
+    precision = cfg.eval.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+    sampler = PuzzleBatchSampler(test_set, cfg.eval.batch_size, train=False, seed=run_cfg.seed,
+                                 max_examples=cfg.eval.max_examples)
+    loader = DataLoader(test_set, sampler=sampler, batch_size=None, pin_memory=device.type == "cuda")
+    kwargs = {"autocast": autocast} if autocast else {}
+    result = evaluate_puzzles(model, loader, device, halt_max_steps=run_cfg.arch.halt_max_steps,
+                              progress=True, **kwargs)
+
+    out_dir = Path(cfg.eval.output_dir) if cfg.eval.output_dir else checkpoint.resolve().parent.parent / "eval"
+    name = cfg.eval.name or f"test_{run_cfg.data.name}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {"checkpoint": str(checkpoint), "step": state.get("step"), "weights": cfg.eval.weights,
+               "data": run_cfg.data.name, **result.summary()}
+    (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    plot_accuracy_by_step(result.exact_accuracy_by_step, result.halt_step_counts, out_dir / f"{name}_by_step.png",
+                          title=f"{run_cfg.data.name}, {checkpoint.name}")
+    print(f"[athena] {run_cfg.data.name} (n={result.count}, {cfg.eval.weights} weights): "
+          f"exact accuracy {100 * result.exact_accuracy:.2f}%, token accuracy {100 * result.token_accuracy:.2f}%, "
+          f"exact at Q-head halt {100 * result.exact_accuracy_at_halt:.2f}% after {result.mean_halt_steps:.1f} steps"
+          f"\n[athena] wrote {out_dir / (name + '.json')}")
+    return summary
+
+
+@hydra.main(config_path="conf", config_name="eval", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from athena.errors import AthenaError
+
+    try:
+        evaluate_checkpoint(cfg)
+    except AthenaError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""pretrain.py and evaluate.py end to end, as a user runs them (subprocesses on the CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import run_script
+
+SMOKE = ("experiment=smoke",)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root):
+    run_dir = tmp_path_factory.mktemp("smoke")
+    proc = run_script("pretrain.py", *SMOKE, f"hydra.run.dir={run_dir}", data_root=data_root)
+    return run_dir, proc
+
+
+def test_smoke_run_trains_evaluates_and_saves(smoke_run):
+    run_dir, proc = smoke_run
+    assert "test set" in proc.stdout and "exact accuracy" in proc.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/lm_loss" in r]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20]
+    for key in ("train/lm_loss", "train/lr", "train/grad_norm", "train/steps", "train/exact_accuracy"):
+        assert key in train_rows[-1]
+    assert any("eval/exact_accuracy" in r and r["step"] == 10 for r in rows)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["last.pt", "step_10.pt", "step_20.pt"]
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    assert final["step"] == 20 and final["count"] > 0 and len(final["exact_accuracy_by_step"]) == 4
+    assert (run_dir / "eval" / "accuracy_by_step.png").stat().st_size > 1000
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 20 and state["config"]["arch"]["hidden_size"] == 32
+
+
+def test_evaluate_reproduces_the_final_training_eval(smoke_run, data_root):
+    run_dir, _ = smoke_run
+    proc = run_script("evaluate.py", f"checkpoint={run_dir}/checkpoints/last.pt", "eval.name=again", data_root=data_root)
+    assert "exact accuracy" in proc.stdout
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    again = json.loads((run_dir / "eval" / "again.json").read_text())
+    for key in ("count", "exact_accuracy", "token_accuracy", "exact_accuracy_by_step", "halt_step_counts"):
+        assert again[key] == pytest.approx(final[key], abs=1e-9), key
+
+
+def test_resumed_run_equals_uninterrupted_run(smoke_run, tmp_path, data_root):
+    """Continue from the step-10 checkpoint in a new folder: parameters at step 20 must match exactly."""
+    run_dir, _ = smoke_run
+    run_script("pretrain.py", *SMOKE, f"hydra.run.dir={tmp_path}", f"resume={run_dir}/checkpoints/step_10.pt",
+               data_root=data_root)
+    uninterrupted = torch.load(run_dir / "checkpoints" / "step_20.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "checkpoints" / "step_20.pt", weights_only=True)
+    for part in ("model", "ema"):
+        for name, tensor in uninterrupted[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after resume"
+    assert uninterrupted["batches_consumed"] == resumed["batches_consumed"]
+
+
+def test_resume_from_a_corrupt_file_is_one_line(tmp_path, data_root):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    proc = run_script("pretrain.py", *SMOKE, f"hydra.run.dir={tmp_path / 'run'}", f"resume={bad}",
+                      data_root=data_root, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: checkpoint") and str(bad) in last
+
+
+def test_diverging_loss_stops_with_one_line(tmp_path, data_root):
+    proc = run_script("pretrain.py", *SMOKE, f"hydra.run.dir={tmp_path}", "train.lr=1e30", "train.grad_clip=null",
+                      "train.eval_every=null", data_root=data_root, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train/") and "lower train.lr" in last
