@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from athena.data.build import ensure_dataset
-from athena.data.format import DatasetMetadata, PuzzleBatchSampler, PuzzleDataset, write_identifiers, write_split
+from athena.data.format import DatasetError, DatasetMetadata, PuzzleBatchSampler, PuzzleDataset, write_identifiers, write_split
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_write_split_rejects_inconsistent_arrays(tmp_path):
 
 
 def test_missing_dataset_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"dataset not found at .*python -m athena.data.build"):
+    with pytest.raises(DatasetError, match=r"dataset not found at .*python -m athena.data.build"):
         PuzzleDataset(tmp_path / "nope", "train")
 
 

@@ -5,6 +5,8 @@ import random
 import numpy as np
 import pytest
 
+from athena.data.format import DatasetError
+
 import athena.data.build
 from athena.data.format import PuzzleDataset
 from athena.data.sudoku import (BOX_SHAPES, apply_shuffle, build_sudoku, build_sudoku_extreme, canonical_key,
@@ -163,7 +165,7 @@ def test_sudoku_extreme_csv(tmp_path):
     with pytest.raises(ValueError, match=r"train.csv:2: answer contradicts"):
         build_sudoku_extreme(tmp_path / "x", source_dir=broken)
     (broken / "test.csv").unlink()
-    with pytest.raises(FileNotFoundError, match="test.csv"):
+    with pytest.raises(DatasetError, match="test.csv"):
         build_sudoku_extreme(tmp_path / "x", source_dir=broken)
 
 

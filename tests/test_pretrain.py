@@ -75,3 +75,11 @@ def test_diverging_loss_stops_with_one_line(tmp_path, data_root):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: train/") and "lower train.lr" in last
+
+
+def test_missing_data_files_stop_with_one_line(tmp_path, data_root):
+    proc = run_script("pretrain.py", "data=sudoku_extreme_csv", f"data.build.source_dir={tmp_path / 'nowhere'}",
+                      f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root, check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Sudoku-Extreme CSVs missing") and "nowhere" in last

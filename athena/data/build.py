@@ -23,6 +23,8 @@ from typing import Any, Callable, Hashable, Iterable
 
 from tqdm.auto import tqdm
 
+from athena.data.format import DatasetError
+
 ALIASES = {
     "sudoku": "athena.data.sudoku.build_sudoku",
     "sudoku_extreme": "athena.data.sudoku.build_sudoku_extreme",
@@ -63,7 +65,7 @@ def generate_distinct(worker: Callable[[Any], tuple[Any, Hashable]], make_args: 
     try:
         while len(accepted) < count:
             if next_index >= max_attempts:
-                raise RuntimeError(
+                raise DatasetError(
                     f"{desc}: only {len(accepted)} distinct of {count} wanted after {next_index} attempts; "
                     f"ask for fewer, or relax the constraints (size, min_difficulty, max_clues, min_path_len)")
             need = count - len(accepted)
@@ -90,7 +92,7 @@ def resolve_target(target: str) -> Callable:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot resolve dataset builder {target!r} ({error}); "
+        raise DatasetError(f"cannot resolve dataset builder {target!r} ({error}); "
                          f"use a dotted path like athena.data.sudoku.build_sudoku or one of {sorted(ALIASES)}") from None
 
 
@@ -125,7 +127,7 @@ def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
     out_dir = Path(out_dir)
     spec = _plain(build)
     if not isinstance(spec, dict) or "_target_" not in spec:
-        raise ValueError(f"dataset build spec needs a _target_ (builder function), got {spec!r}")
+        raise DatasetError(f"dataset build spec needs a _target_ (builder function), got {spec!r}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         recorded = out_dir / "build.json"

@@ -20,8 +20,14 @@ import numpy as np
 import pydantic
 import torch
 
+from athena.errors import AthenaError
+
 ARRAY_NAMES = ("inputs", "labels", "puzzle_identifiers", "puzzle_indices", "group_indices")
 SETS = ("all",)
+
+
+class DatasetError(AthenaError, ValueError):
+    """Missing or malformed data, or a build spec that cannot be met; the message says how to fix it."""
 
 
 class DatasetMetadata(pydantic.BaseModel):
@@ -126,7 +132,7 @@ class PuzzleDataset(torch.utils.data.Dataset):
         meta_path = folder / "dataset.json"
         missing = [p for p in [meta_path] + [folder / f"all__{n}.npy" for n in ARRAY_NAMES] if not p.is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise DatasetError(
                 f"dataset not found at {self.root} (expected {missing[0]}): build it with "
                 f"`python -m athena.data.build <name>` or check data.dir")
         self.metadata = DatasetMetadata.model_validate_json(meta_path.read_text())

@@ -19,7 +19,7 @@ import numpy as np
 
 from athena.data.build import generate_distinct
 from athena.data.dihedral import NUM_DIHEDRAL, dihedral
-from athena.data.format import one_example_per_puzzle, write_identifiers, write_split
+from athena.data.format import DatasetError, one_example_per_puzzle, write_identifiers, write_split
 
 PAD, WALL, OPEN, START, GOAL, PATH = range(6)
 CHARS = {PAD: "?", WALL: "#", OPEN: " ", START: "S", GOAL: "G", PATH: "o"}
@@ -118,7 +118,7 @@ def generate_maze(size: int = 30, *, min_path_len: int = 110, loops: int | None 
         labels = inputs.copy()
         labels[shortest_path(open_cells, start, goal)[1:-1]] = PATH
         return inputs.reshape(size, size), labels.reshape(size, size)
-    raise RuntimeError(f"no {size}x{size} maze with a unique shortest path longer than {min_path_len} "
+    raise DatasetError(f"no {size}x{size} maze with a unique shortest path longer than {min_path_len} "
                        f"in {max_tries} tries: lower min_path_len")
 
 
@@ -139,7 +139,7 @@ def build_maze(out_dir: str | Path, *, size: int = 30, num_train: int = 1000, nu
     """num_train mazes, each with num_aug (<= 7) distinct dihedral copies (a group), and num_test test mazes
     that are not a dihedral copy of any train maze."""
     if not 0 <= num_aug < NUM_DIHEDRAL:
-        raise ValueError(f"maze num_aug must be in 0..{NUM_DIHEDRAL - 1} (distinct dihedral copies), got {num_aug}")
+        raise DatasetError(f"maze num_aug must be in 0..{NUM_DIHEDRAL - 1} (distinct dihedral copies), got {num_aug}")
     out_dir = Path(out_dir)
     common = (size, min_path_len, loops, seed)
     train = generate_distinct(_generate_worker, lambda i: common + (0, i), num_train, desc=f"{size}x{size} maze train")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from athena.data.build import generate_distinct, parallel_map
 from athena.data.dihedral import dihedral
-from athena.data.format import one_example_per_puzzle, write_identifiers, write_split
+from athena.data.format import DatasetError, one_example_per_puzzle, write_identifiers, write_split
 
 BOX_SHAPES = {4: (2, 2), 6: (2, 3), 9: (3, 3)}  # (rows, cols) of a box
 
@@ -37,7 +37,7 @@ class Geometry:
 @functools.lru_cache(maxsize=None)
 def geometry(n: int, diagonal: bool = False) -> Geometry:
     if n not in BOX_SHAPES:
-        raise ValueError(f"sudoku size must be one of {sorted(BOX_SHAPES)}, got {n}")
+        raise DatasetError(f"sudoku size must be one of {sorted(BOX_SHAPES)}, got {n}")
     br, bc = BOX_SHAPES[n]
     units = [tuple(r * n + c for c in range(n)) for r in range(n)]
     units += [tuple(r * n + c for r in range(n)) for c in range(n)]
@@ -202,7 +202,7 @@ def generate_puzzle(n: int = 9, *, diagonal: bool = False, rng: random.Random, m
         _, guesses = _solve_cells(puzzle, geo, limit=2)
         if guesses >= min_difficulty:
             return np.array(puzzle, dtype=np.uint8), np.array(solution, dtype=np.uint8), guesses
-    raise RuntimeError(f"no {n}x{n} puzzle with min_difficulty={min_difficulty}, max_clues={max_clues} "
+    raise DatasetError(f"no {n}x{n} puzzle with min_difficulty={min_difficulty}, max_clues={max_clues} "
                        f"in {max_tries} tries: lower them")
 
 
@@ -393,7 +393,7 @@ def read_sudoku_csv(csv_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     (question: '.' or '0' for blanks). Raises ValueError naming the first bad line."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"sudoku CSV not found: {csv_path}")
+        raise DatasetError(f"sudoku CSV not found: {csv_path}")
     table = np.full(256, 255, dtype=np.uint8)
     table[[ord(c) for c in "0123456789"]] = np.arange(10)
     table[ord(".")] = 0
@@ -402,24 +402,24 @@ def read_sudoku_csv(csv_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         reader = csv.reader(handle)
         header = next(reader, None)
         if header != CSV_HEADER:
-            raise ValueError(f"{csv_path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
+            raise DatasetError(f"{csv_path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
         for row in tqdm(reader, desc=f"read {csv_path.name}", unit=" rows"):
             line = reader.line_num
             if len(row) != 4:
-                raise ValueError(f"{csv_path}:{line}: expected 4 fields (source,question,answer,rating), got {len(row)}")
+                raise DatasetError(f"{csv_path}:{line}: expected 4 fields (source,question,answer,rating), got {len(row)}")
             question, answer = row[1], row[2]
             if len(question) != 81 or not set(question) <= set(".0123456789"):
-                raise ValueError(f"{csv_path}:{line}: question must be 81 characters of 1-9, '.' or '0', got {question!r}")
+                raise DatasetError(f"{csv_path}:{line}: question must be 81 characters of 1-9, '.' or '0', got {question!r}")
             if len(answer) != 81 or not set(answer) <= set("123456789"):
-                raise ValueError(f"{csv_path}:{line}: answer must be 81 digits 1-9, got {answer!r}")
+                raise DatasetError(f"{csv_path}:{line}: answer must be 81 digits 1-9, got {answer!r}")
             q = table[np.frombuffer(question.encode(), dtype=np.uint8)]
             a = table[np.frombuffer(answer.encode(), dtype=np.uint8)]
             if np.any((q != 0) & (q != a)):
-                raise ValueError(f"{csv_path}:{line}: answer contradicts a given of the question")
+                raise DatasetError(f"{csv_path}:{line}: answer contradicts a given of the question")
             questions.append(q)
             answers.append(a)
     if not questions:
-        raise ValueError(f"{csv_path}: no puzzles after the header")
+        raise DatasetError(f"{csv_path}: no puzzles after the header")
     return np.stack(questions), np.stack(answers)
 
 
@@ -451,7 +451,7 @@ def build_sudoku_extreme(out_dir: str | Path, *, source_dir: str | Path, num_aug
     source_dir = Path(source_dir)
     missing = [str(source_dir / f) for f in ("train.csv", "test.csv") if not (source_dir / f).is_file()]
     if missing:
-        raise FileNotFoundError(f"Sudoku-Extreme CSVs missing: {', '.join(missing)} "
+        raise DatasetError(f"Sudoku-Extreme CSVs missing: {', '.join(missing)} "
                                 f"(expected a folder with train.csv and test.csv)")
     load_sudoku_csv(source_dir / "train.csv", out_dir, split="train", num_aug=num_aug, subsample=subsample, seed=seed)
     load_sudoku_csv(source_dir / "test.csv", out_dir, split="test", subsample=test_subsample, seed=seed)
