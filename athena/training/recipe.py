@@ -323,6 +323,8 @@ class PretrainRecipe:
         out["train/halted_per_step"] = values.get("count", 0.0) / n_steps
         out["train/samples_per_s"] = n_steps * self.cfg.train.global_batch_size / max(seconds, 1e-9)
         out["train/epoch"] = self.batches_consumed * self.cfg.train.global_batch_size / self.examples_per_epoch
+        if self.device.type == "cuda":
+            out["train/peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return out
 
     def _on_signal(self, signum, frame) -> None:
