@@ -83,3 +83,10 @@ def test_missing_data_files_stop_with_one_line(tmp_path, data_root):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: Sudoku-Extreme CSVs missing") and "nowhere" in last
+
+
+def test_gradient_accumulation_runs_with_one_carry_per_micro_batch(tmp_path, data_root):
+    run_script("pretrain.py", *SMOKE, "train.grad_accum_steps=2", "train.steps=10", f"hydra.run.dir={tmp_path}",
+               data_root=data_root)
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert len(state["carries"]) == 2 and state["carries"][0]["z_H"].shape[0] == 16

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -96,9 +97,7 @@ def build_model(cfg: RunConfig, metadata) -> torch.nn.Module:
 
 
 def carry_to_state(carry: SupervisionCarry | None) -> dict[str, Any] | None:
-    if carry is None:
-        return None
-    return {f.name: getattr(carry, f.name) for f in fields(carry)}
+    return None if carry is None else {f.name: getattr(carry, f.name) for f in fields(carry)}
 
 
 def carry_from_state(state: dict[str, Any] | None, device: torch.device) -> SupervisionCarry | None:
@@ -117,12 +116,16 @@ class PretrainRecipe:
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.step = 0
         self.batches_consumed = 0
-        self.carry: SupervisionCarry | None = None
+        # One carry per gradient-accumulation micro-batch: each is its own set of puzzle slots.
+        self.carries: list[SupervisionCarry | None] = [None] * cfg.train.grad_accum_steps
         self.wandb_run_id: str | None = None
         self._stop_requested = False
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise AthenaError("multi-process training (torchrun) is not supported yet: run one process per "
+                              "machine, e.g. `python pretrain.py ...`, until distributed training lands")
         torch.manual_seed(self.cfg.seed)
         self.device = pick_device(self.cfg.device)
         self.autocast = self._autocast_factory()
@@ -220,7 +223,7 @@ class PretrainRecipe:
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
             "batches_consumed": self.batches_consumed,
-            "carry": carry_to_state(self.carry),
+            "carries": [carry_to_state(carry) for carry in self.carries],
             "rng": rng_state(),
             "config": self.config_dict,
             "wandb_run_id": self.wandb_run_id,
@@ -255,7 +258,11 @@ class PretrainRecipe:
             opt.load_state_dict(opt_state)
         self.step = state["step"]
         self.batches_consumed = state["batches_consumed"]
-        self.carry = carry_from_state(state.get("carry"), self.device)
+        carries = [carry_from_state(c, self.device) for c in state.get("carries") or []]
+        if len(carries) == len(self.carries):
+            self.carries = carries
+        else:
+            log.warning("grad_accum_steps changed since %s: puzzle slots restart from fresh carries", path)
         self.wandb_run_id = state.get("wandb_run_id")
         set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
@@ -285,22 +292,17 @@ class PretrainRecipe:
     def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         t = self.cfg.train
         lr = self._set_lr()
-        chunks = t.grad_accum_steps
-        micro = [{k: v.chunk(chunks)[i] for k, v in batch.items()} for i in range(chunks)]
-        carries = self.carry if isinstance(self.carry, list) else [self.carry] * chunks if chunks > 1 else [self.carry]
         sums: dict[str, torch.Tensor] = {}
-        new_carries = []
-        for carry, part in zip(carries, micro):
-            if carry is None:
-                carry = self.model.initial_carry(part)
+        micro_batches = zip(*(v.chunk(t.grad_accum_steps) for v in batch.values()))
+        for i, parts in enumerate(micro_batches):
+            part = dict(zip(batch.keys(), parts))
+            carry = self.carries[i] or self.model.initial_carry(part)
             with self.autocast():
-                carry, out = self.forward(carry, part)
+                self.carries[i], out = self.forward(carry, part)
             (out.loss / t.global_batch_size).backward()
-            new_carries.append(carry)
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
             sums["loss"] = sums.get("loss", 0) + out.loss.detach().double()
-        self.carry = new_carries[0] if chunks == 1 else new_carries
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
         for opt in self.optimizers:
