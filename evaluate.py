@@ -62,21 +62,31 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
                                  max_examples=cfg.eval.max_examples)
     loader = DataLoader(test_set, sampler=sampler, batch_size=None, pin_memory=device.type == "cuda")
     kwargs = {"autocast": autocast} if autocast else {}
+    is_arc = run_cfg.data.build["_target_"].endswith("build_arc")
     result = evaluate_puzzles(model, loader, device, halt_max_steps=run_cfg.arch.halt_max_steps,
-                              progress=True, **kwargs)
+                              progress=True, keep_predictions=is_arc, **kwargs)
+    arc_scores = {}
+    if is_arc:  # vote over the augmented copies of each test input, scored as ARC does
+        from athena.data.arc import arc_pass_at_k
+
+        kept = result.predictions
+        arc_scores = arc_pass_at_k(data_dir, kept["prediction"].numpy(), q_halt=kept["q_halt_logit"].numpy(),
+                                   example_indices=kept["index"].numpy())
 
     out_dir = Path(cfg.eval.output_dir) if cfg.eval.output_dir else checkpoint.resolve().parent.parent / "eval"
     name = cfg.eval.name or f"test_{run_cfg.data.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(checkpoint), "step": state.get("step"), "weights": cfg.eval.weights,
-               "data": run_cfg.data.name, **result.summary()}
+               "data": run_cfg.data.name, **result.summary(), **arc_scores}
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
     plot_accuracy_by_step(result.exact_accuracy_by_step, result.halt_step_counts, out_dir / f"{name}_by_step.png",
                           title=f"{run_cfg.data.name}, {checkpoint.name}")
+    arc_line = (f", ARC pass@1 {100 * arc_scores['pass@1']:.2f}%, pass@2 {100 * arc_scores['pass@2']:.2f}% "
+                f"over {arc_scores['num_tasks']} tasks" if arc_scores else "")
     print(f"[athena] {run_cfg.data.name} (n={result.count}, {cfg.eval.weights} weights): "
           f"exact accuracy {100 * result.exact_accuracy:.2f}%, token accuracy {100 * result.token_accuracy:.2f}%, "
           f"exact at Q-head halt {100 * result.exact_accuracy_at_halt:.2f}% after {result.mean_halt_steps:.1f} steps"
-          f"\n[athena] wrote {out_dir / (name + '.json')}")
+          f"{arc_line}\n[athena] wrote {out_dir / (name + '.json')}")
     return summary
 
 

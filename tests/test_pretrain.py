@@ -90,3 +90,31 @@ def test_gradient_accumulation_runs_with_one_carry_per_micro_batch(tmp_path, dat
                data_root=data_root)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert len(state["carries"]) == 2 and state["carries"][0]["z_H"].shape[0] == 16
+
+
+def test_export_to_safetensors_gives_the_ema_model(smoke_run, tmp_path, data_root):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from athena.training.export import export_safetensors
+
+    run_dir, _ = smoke_run
+    out = export_safetensors(run_dir / "checkpoints" / "last.pt", tmp_path / "model.safetensors")
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    exported = load_file(str(out))
+    assert set(exported) == set(state["model"])
+    for name, tensor in exported.items():
+        expected = state["ema"].get(name, state["model"][name])
+        assert torch.equal(tensor, expected), name
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["config"])["arch"]["hidden_size"] == 32
+
+
+def test_arc_run_and_evaluate_report_pass_at_k(tmp_path, data_root):
+    arc = ("experiment=smoke", "data=arc1", "data.build.max_tasks=3", "data.build.num_aug=2", "arch.mixer=attention",
+           "train.steps=4", "train.eval_every=null", "train.checkpoint_every=null")
+    run_script("pretrain.py", *arc, f"hydra.run.dir={tmp_path}", data_root=data_root)
+    proc = run_script("evaluate.py", f"checkpoint={tmp_path}/checkpoints/last.pt", data_root=data_root)
+    assert "ARC pass@1" in proc.stdout
+    result = json.loads((tmp_path / "eval" / "test_arc1.json").read_text())
+    assert result["num_tasks"] == 3 and 0.0 <= result["pass@1"] <= result["pass@2"] <= 1.0
