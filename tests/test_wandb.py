@@ -62,3 +62,15 @@ def test_wandb_offline_logs_the_jsonl_keys(tmp_path, data_root):
     assert images.get("eval/accuracy_by_step/_type") == "image-file", "the eval plot should be logged as an image"
     state = json.loads((tmp_path / "config.json").read_text())
     assert state["logger"]["name"] == "wandb"
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, data_root):
+    common = ("experiment=smoke", "logger=wandb", "logger.mode=offline", "train.eval_every=null",
+              f"hydra.run.dir={tmp_path}")
+    run_script("pretrain.py", *common, "train.steps=10", data_root=data_root)
+    run_script("pretrain.py", *common, "train.steps=20", "resume=auto", data_root=data_root)
+    ids = sorted(p.name.rsplit("-", 1)[-1] for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(ids) == 2 and ids[0] == ids[1]
+    steps = [r["_step"] for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb") for r in _history(p)
+             if "train/lm_loss" in r]
+    assert sorted(steps) == [5, 10, 15, 20]
