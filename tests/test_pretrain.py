@@ -118,3 +118,12 @@ def test_arc_run_and_evaluate_report_pass_at_k(tmp_path, data_root):
     assert "ARC pass@1" in proc.stdout
     result = json.loads((tmp_path / "eval" / "test_arc1.json").read_text())
     assert result["num_tasks"] == 3 and 0.0 <= result["pass@1"] <= result["pass@2"] <= 1.0
+
+
+def test_weights_only_file_resumes_with_a_warning(smoke_run, tmp_path, data_root):
+    run_dir, _ = smoke_run
+    weights = tmp_path / "weights.pt"
+    torch.save(torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"], weights)
+    proc = run_script("pretrain.py", *SMOKE, "train.steps=5", f"hydra.run.dir={tmp_path / 'run'}", f"resume={weights}",
+                      data_root=data_root)
+    assert "holds weights only: optimizer, EMA and data position start fresh" in proc.stdout + proc.stderr
