@@ -74,3 +74,15 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, data_root):
     steps = [r["_step"] for p in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb") for r in _history(p)
              if "train/lm_loss" in r]
     assert sorted(steps) == [5, 10, 15, 20]
+
+
+def test_multirun_jobs_get_their_own_wandb_runs(tmp_path, data_root):
+    run_script("pretrain.py", "-m", "experiment=smoke", "logger=wandb", "logger.mode=offline", "train.eval_every=null",
+               "train.steps=5,10", f"hydra.sweep.dir={tmp_path}", data_root=data_root)
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
+    assert len(jobs) == 2
+    ids = [next((job / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[-1] for job in jobs]
+    assert ids[0] != ids[1]
+    last_steps = sorted(max(r["_step"] for r in _history(next(job.glob("wandb/offline-run-*/run-*.wandb"))))
+                        for job in jobs)
+    assert last_steps == [5, 10]
