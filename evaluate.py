@@ -30,7 +30,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from athena.eval.plots import plot_accuracy_by_step
     from athena.eval.puzzle_eval import evaluate_puzzles
     from athena.training.checkpoint import CheckpointError, load_checkpoint
-    from athena.training.recipe import build_model, dataset_dir, pick_device
+    from athena.training.distributed import pick_device
+    from athena.training.recipe import build_model, dataset_dir
 
     checkpoint = Path(cfg.checkpoint)
     state = load_checkpoint(checkpoint)

@@ -4,6 +4,11 @@
     recipe.setup()      # data -> model -> optimisers -> EMA -> resume -> loggers
     recipe.train()      # deep supervision through the carry; periodic eval + checkpoints
     recipe.finish()     # full test eval with EMA weights, plots, final checkpoint
+    recipe.close()      # tear down the process group (torchrun)
+
+Under torchrun every rank runs the same recipe on its slice of each global batch (the samplers split it by
+rank); gradients are summed over ranks after backward (athena.training.distributed). Rank 0 alone logs,
+shows progress, writes checkpoints and the final eval files; every rank evaluates its shard of the test set.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import nullcontext
@@ -33,6 +37,7 @@ from athena.errors import AthenaError
 from athena.eval.plots import plot_accuracy_by_step, plot_training_curve
 from athena.eval.puzzle_eval import PuzzleEvalResult, evaluate_puzzles
 from athena.models.trm import SupervisionCarry
+from athena.training import distributed
 from athena.training.checkpoint import (
     CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
@@ -48,6 +53,10 @@ _MUST_MATCH = ("arch", "data", "adapter")
 
 class TrainingDiverged(AthenaError, RuntimeError):
     """Loss or gradient norm stopped being finite."""
+
+
+class TrainingStopped(AthenaError):
+    """SIGTERM/Ctrl-C: a checkpoint was saved and the run stopped on purpose."""
 
 
 class CompiledWithFallback:
@@ -70,14 +79,6 @@ class CompiledWithFallback:
 
     def __getattr__(self, name: str):
         return getattr(self.module, name)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def dataset_dir(cfg: RunConfig) -> Path:
@@ -123,21 +124,42 @@ class PretrainRecipe:
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise AthenaError("multi-process training (torchrun) is not supported yet: run one process per "
-                              "machine, e.g. `python pretrain.py ...`, until distributed training lands")
-        torch.manual_seed(self.cfg.seed)
-        self.device = pick_device(self.cfg.device)
+        self.dist, self.device = distributed.init(self.cfg.device)
+        self.is_main = self.dist.is_main
+        if self.dist.enabled:
+            self._check_divisible()
+            # Hydra's default run dir is a timestamp taken by each process: use rank 0's everywhere.
+            self.run_dir = Path(distributed.broadcast_object(str(self.run_dir)))
+            self.checkpoint_dir = self.run_dir / "checkpoints"
+        torch.manual_seed(self.cfg.seed)  # the same on every rank: identical initial weights
         self.autocast = self._autocast_factory()
         self._setup_data()
         self._setup_model()
         self._setup_optimizers()
         self.ema = ModelEMA(self._ema_params(), self.cfg.train.ema_decay) if self.cfg.train.ema_decay else None
+        if self.dist.enabled:
+            # Halting exploration draws random numbers per slot: each rank its own stream (seed + rank).
+            torch.manual_seed(self.cfg.seed + self.dist.rank)
         self._maybe_resume()
+        if self.dist.enabled:
+            distributed.broadcast_parameters(self.model)  # belt and braces: replicas start bit-identical
         self._setup_train_loader()
-        self.loggers = build_loggers(self.cfg.logger, self.run_dir, self.config_dict, self.wandb_run_id, True)
+        self.loggers = build_loggers(self.cfg.logger, self.run_dir, self.config_dict, self.wandb_run_id, self.is_main)
         self.wandb_run_id = self.loggers.wandb_run_id or self.wandb_run_id
-        (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2))
+        if self.is_main:
+            (self.run_dir / "config.json").write_text(json.dumps(self.config_dict, indent=2))
+
+    def _check_divisible(self) -> None:
+        t, world = self.cfg.train, self.dist.world_size
+        if t.global_batch_size % (world * t.grad_accum_steps):
+            raise AthenaError(f"train.global_batch_size {t.global_batch_size} must be divisible by "
+                              f"world_size {world} x train.grad_accum_steps {t.grad_accum_steps}")
+        if t.eval_batch_size % world:
+            raise AthenaError(f"train.eval_batch_size {t.eval_batch_size} must be divisible by world_size {world}")
+
+    def close(self) -> None:
+        """Destroy the process group (a no-op in one process); safe to call twice."""
+        distributed.teardown()
 
     def _autocast_factory(self):
         precision = self.cfg.train.precision
@@ -204,6 +226,7 @@ class PretrainRecipe:
     def _setup_train_loader(self) -> None:
         t = self.cfg.train
         self.train_sampler = PuzzleBatchSampler(self.train_set, t.global_batch_size, train=True, seed=self.cfg.seed,
+                                                rank=self.dist.rank, world_size=self.dist.world_size,
                                                 start_batch=self.batches_consumed)
         self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, batch_size=None,
                                        num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
@@ -211,27 +234,47 @@ class PretrainRecipe:
 
     def eval_loader(self, max_examples: int | None) -> DataLoader:
         sampler = PuzzleBatchSampler(self.test_set, self.cfg.train.eval_batch_size, train=False, seed=self.cfg.seed,
-                                     max_examples=max_examples)
+                                     rank=self.dist.rank, world_size=self.dist.world_size, max_examples=max_examples)
         return DataLoader(self.test_set, sampler=sampler, batch_size=None, num_workers=0,
                           pin_memory=self.device.type == "cuda")
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
+        """The checkpoint. Weights, EMA and optimizer state are identical on every rank; the carries (puzzle slots)
+        and RNG streams are per rank. One process: `carries` is its list of carries and `rng` its RNG state, as
+        always. Under torchrun (call on EVERY rank, the result is for rank 0): `carries` and `rank_rng` hold
+        every rank's, indexed by rank, and `rng` is rank 0's, so a resume with the same world size continues
+        exactly; any other world size restarts the slots with fresh carries (see _maybe_resume)."""
+        carries = [carry_to_state(carry) for carry in self.carries]
+        state = {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "step": self.step,
             "batches_consumed": self.batches_consumed,
-            "carries": [carry_to_state(carry) for carry in self.carries],
+            "carries": carries,
             "rng": rng_state(),
             "config": self.config_dict,
             "wandb_run_id": self.wandb_run_id,
+            "world_size": self.dist.world_size,
         }
+        if self.dist.enabled:
+            cpu = [None if c is None else {k: ({kk: vv.cpu() for kk, vv in v.items()} if isinstance(v, dict)
+                                               else v.cpu()) for k, v in c.items()} for c in carries]
+            gathered = distributed.gather_objects({"carries": cpu, "rng": state["rng"]})
+            if gathered is not None:
+                state["carries"] = [g["carries"] for g in gathered]
+                state["rank_rng"] = [g["rng"] for g in gathered]
+        return state
 
     def save(self) -> Path:
-        path = save_checkpoint(self.state_dict(), self.checkpoint_dir, self.step, self.cfg.train.keep_checkpoints)
-        log.info("saved checkpoint %s", path)
+        """Rank 0 writes; the other ranks wait for it at a barrier (so nobody reads a half-written run)."""
+        state = self.state_dict()  # every rank: it gathers the per-rank carries
+        path = self.checkpoint_dir / f"step_{self.step}.pt"
+        if self.is_main:
+            path = save_checkpoint(state, self.checkpoint_dir, self.step, self.cfg.train.keep_checkpoints)
+            log.info("saved checkpoint %s", path)
+        distributed.barrier()
         return path
 
     def _maybe_resume(self) -> None:
@@ -258,13 +301,25 @@ class PretrainRecipe:
             opt.load_state_dict(opt_state)
         self.step = state["step"]
         self.batches_consumed = state["batches_consumed"]
-        carries = [carry_from_state(c, self.device) for c in state.get("carries") or []]
-        if len(carries) == len(self.carries):
-            self.carries = carries
-        else:
-            log.warning("grad_accum_steps changed since %s: puzzle slots restart from fresh carries", path)
         self.wandb_run_id = state.get("wandb_run_id")
-        set_rng_state(state["rng"])
+        saved_world, world, rank = state.get("world_size", 1), self.dist.world_size, self.dist.rank
+        if saved_world != world:
+            # Carries are per-rank slot state: they cannot be re-split for another world size. The data position,
+            # weights and optimizer state carry over; only the in-flight puzzles restart.
+            log.warning("%s was written by %d process(es), this run has %d: puzzle slots restart from fresh "
+                        "carries", path, saved_world, world)
+            if rank == 0:
+                set_rng_state(state["rng"])
+            # Other ranks keep their seed + rank stream (set in setup).
+        else:
+            saved = state.get("carries") or []
+            saved = saved if world == 1 else saved[rank]
+            carries = [carry_from_state(c, self.device) for c in saved or []]
+            if len(carries) == len(self.carries):
+                self.carries = carries
+            else:
+                log.warning("grad_accum_steps changed since %s: puzzle slots restart from fresh carries", path)
+            set_rng_state(state["rank_rng"][rank] if world > 1 else state["rng"])
         log.info("resumed from %s at step %d", path, self.step)
 
     def _check_config_matches(self, saved: dict[str, Any], path: Path) -> None:
@@ -303,6 +358,9 @@ class PretrainRecipe:
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
             sums["loss"] = sums.get("loss", 0) + out.loss.detach().double()
+        # Each rank's loss is already divided by the GLOBAL batch size: summing the ranks' gradients gives the
+        # gradient of the global batch (a no-op in one process). After it every rank clips the same gradient.
+        distributed.sync_gradients(*self.model.param_groups())
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
         for opt in self.optimizers:
@@ -314,7 +372,17 @@ class PretrainRecipe:
         sums["lr"] = torch.tensor(lr, dtype=torch.float64)
         return sums, grad_norm
 
+    def _reduce_window(self, window: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Sum the per-rank metric sums over ranks (one all-reduce); grad_norm and lr are already global."""
+        if not self.dist.enabled:
+            return window
+        keys = sorted(k for k in window if k not in ("grad_norm", "lr"))
+        stacked = torch.stack([torch.as_tensor(window[k], dtype=torch.float64, device=self.device) for k in keys])
+        distributed.all_reduce_sum(stacked)
+        return {**window, **dict(zip(keys, stacked.unbind()))}
+
     def _summarise(self, window: dict[str, torch.Tensor], n_steps: int, seconds: float) -> dict[str, float]:
+        window = self._reduce_window(window)
         values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in window.items()}
         count = max(1.0, values.get("count", 0.0))
         out = {f"train/{k}": values[k] / count for k in
@@ -338,7 +406,8 @@ class PretrainRecipe:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start = 0, time.perf_counter()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2.0,
+                   disable=not self.is_main)
         batches = iter(self.train_loader)
         try:
             while self.step < self.total_steps:
@@ -353,7 +422,12 @@ class PretrainRecipe:
                 window_steps += 1
                 bar.update(1)
 
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
+                at_log_step = self.step % t.log_every == 0 or self.step == self.total_steps
+                stop = self._stop_requested
+                if self.dist.enabled:
+                    # A signal may reach the ranks at different steps: they agree at log steps (no per-step sync).
+                    stop = at_log_step and distributed.any_rank(self._stop_requested, self.device)
+                if at_log_step:
                     metrics = self._summarise(window, window_steps, time.perf_counter() - window_start)
                     self._check_finite(metrics)
                     self.loggers.log(metrics, self.step)
@@ -363,12 +437,14 @@ class PretrainRecipe:
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
                     result = self.evaluate(max_examples=t.eval_examples)
                     self.loggers.log(result.metrics(), self.step)
-                    bar.write(f"step {self.step}: eval exact accuracy {100 * result.exact_accuracy:.1f}% "
-                              f"(token {100 * result.token_accuracy:.1f}%, n={result.count})")
-                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or self._stop_requested:
-                    self.save()
-                if self._stop_requested:
-                    raise KeyboardInterrupt("stopped by signal; checkpoint saved")
+                    if self.is_main:
+                        bar.write(f"step {self.step}: eval exact accuracy {100 * result.exact_accuracy:.1f}% "
+                                  f"(token {100 * result.token_accuracy:.1f}%, n={result.count})")
+                if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
+                    path = self.save()
+                if stop:
+                    raise TrainingStopped(f"stopped by a signal at step {self.step}; checkpoint saved to {path}; "
+                                          f"continue with resume=auto hydra.run.dir={self.run_dir}")
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -394,10 +470,14 @@ class PretrainRecipe:
 
     def finish(self) -> PuzzleEvalResult:
         """Full test split with the EMA weights; eval/final.json, plots, and a last checkpoint."""
-        if not (self.checkpoint_dir / f"step_{self.step}.pt").exists():
+        # Rank 0 decides (it owns the files), so every rank takes part in save()'s gather and barrier or none does.
+        if not distributed.broadcast_object((self.checkpoint_dir / f"step_{self.step}.pt").exists()):
             self.save()
-        result = self.evaluate(max_examples=None, progress=True)
+        result = self.evaluate(max_examples=None, progress=self.is_main)  # every rank: its shard, sums all-reduced
         self.loggers.log(result.metrics(), self.step)
+        if not self.is_main:
+            self.loggers.finish()
+            return result
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(parents=True, exist_ok=True)
         (eval_dir / "final.json").write_text(json.dumps({"step": self.step, **result.summary()}, indent=2))

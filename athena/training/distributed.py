@@ -1,0 +1,231 @@
+"""Multi-process training (`torchrun --nproc_per_node=N pretrain.py ...`): process group, device, grad sync.
+
+Design: the model is NOT wrapped in DistributedDataParallel. After the last backward of a step,
+`sync_gradients` sums the gradients over ranks explicitly:
+  * dense parameters: ONE flat all-reduce (SUM) per dtype of all their gradients. DDP would average (we need a
+    sum: the loss is already divided by the GLOBAL batch size), would need no_sync() around gradient
+    accumulation, hooks that cope with the (carry, output) forward, and torch.compile interplay; one flat
+    all-reduce after backward has none of those concerns and costs no overlap that matters for a tiny model.
+  * the puzzle embedding's SPARSE gradient: NCCL cannot all-reduce sparse tensors, and densifying a table with
+    one row per puzzle would be huge, so every rank all-gathers every rank's (row indices, row values) (padded to
+    the largest count) and rebuilds one coalesced sparse gradient. All ranks then hold the same sparse gradient,
+    so SignSGD makes the same update everywhere and the replicas never drift apart.
+
+Single-process runs (no WORLD_SIZE in the environment, or WORLD_SIZE=1) never touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from athena.errors import AthenaError
+
+log = logging.getLogger("athena")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_info() -> DistInfo:
+    """Rank layout from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); one process without them."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    return DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def pick_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
+    """The config's device; under torchrun `auto`/`cuda` mean cuda:LOCAL_RANK (one GPU per process)."""
+    cuda = torch.cuda.is_available()
+    if name.startswith("cuda") and not cuda:
+        raise AthenaError(f"device={name} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
+    if not info.enabled:
+        return torch.device("cuda" if cuda else "cpu") if name == "auto" else torch.device(name)
+    if name == "cpu" or (name == "auto" and not cuda):
+        return torch.device("cpu")
+    if name in ("auto", "cuda"):
+        if info.local_rank >= torch.cuda.device_count():
+            raise AthenaError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
+                              "start at most one process per GPU (torchrun --nproc_per_node)")
+        return torch.device("cuda", info.local_rank)
+    raise AthenaError(f"device={name} pins every process to one GPU; with torchrun use device=auto or device=cuda "
+                      "(each process takes cuda:LOCAL_RANK)")
+
+
+def init(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Start the process group when launched by torchrun (nccl on GPUs, gloo on CPU); return (info, device)."""
+    info = env_info()
+    device = pick_device(device_name, info)
+    if not info.enabled:
+        return info, device
+    if not dist.is_available():
+        raise AthenaError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    if not is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # device_id binds the NCCL communicator to this rank's GPU (also what barrier() uses).
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    if not info.is_main:  # one copy of the INFO lines (rank 0's); warnings and errors still come from every rank
+        log.setLevel(logging.WARNING)
+    log.info("distributed: %d processes (%s), rank 0 on %s", info.world_size, dist.get_backend(), device)
+    return info, device
+
+
+def teardown() -> None:
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """rank `src`'s `obj` on every rank (picklable objects; a no-op in one process)."""
+    if not is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's `obj`, as a list on rank 0 (None elsewhere); [obj] in one process."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on at least one (e.g. a stop signal seen by some ranks)."""
+    if not is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@torch.no_grad()
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers to every rank (one flat broadcast per dtype)."""
+    if not is_initialized():
+        return
+    tensors = [t for t in list(module.parameters()) + list(module.buffers())]
+    for group in _by_dtype(tensors).values():
+        flat = _flatten_dense_tensors([t.data for t in group])
+        dist.broadcast(flat, src=src)
+        for t, synced in zip(group, _unflatten_dense_tensors(flat, [t.data for t in group])):
+            t.data.copy_(synced)
+
+
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[torch.Tensor]]:
+    groups: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault(t.dtype, []).append(t)
+    return groups
+
+
+@torch.no_grad()
+def sync_gradients(dense: list[torch.nn.Parameter], sparse: list[torch.nn.Parameter]) -> None:
+    """SUM gradients over ranks, in place. Call once per optimizer step, after the last backward.
+
+    The loss of each micro-batch is divided by the GLOBAL batch size, so the global gradient is the SUM of the
+    ranks' gradients (not the mean DDP would take)."""
+    if not is_initialized():
+        return
+    _sync_dense([p for p in dense if p.requires_grad])
+    for p in sparse:
+        if p.requires_grad:
+            _sync_sparse(p)
+
+
+def _sync_dense(params: list[torch.nn.Parameter]) -> None:
+    # One flat buffer per dtype: [all grads..., one has-grad flag per param]. A parameter without a gradient on
+    # some rank (unused this step) contributes zeros; it stays None only when it has no gradient on any rank.
+    for group in _by_dtype(params).values():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in group]
+        for p, g in zip(group, grads):
+            if g.is_sparse:
+                raise RuntimeError(f"sparse gradient on a dense parameter of shape {tuple(p.shape)}")
+        flags = torch.tensor([float(p.grad is not None) for p in group], dtype=group[0].dtype, device=group[0].device)
+        flat = _flatten_dense_tensors(grads + [flags])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        *synced, flags = _unflatten_dense_tensors(flat, grads + [flags])
+        for p, g, has in zip(group, synced, flags.tolist()):
+            if has == 0:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = g.clone()
+            else:
+                p.grad.copy_(g)
+
+
+def _sync_sparse(p: torch.nn.Parameter) -> None:
+    if p.grad is not None and not p.grad.is_sparse:  # a dense gradient on the embedding: plain sum
+        _sync_dense([p])
+        return
+    device, rows_dim = p.device, p.shape[1:]
+    if p.grad is None:
+        indices = torch.zeros(0, dtype=torch.long, device=device)
+        values = torch.zeros(0, *rows_dim, dtype=p.dtype, device=device)
+    else:
+        # Sent uncoalesced (one entry per example): concatenated in rank order they are exactly the entries one
+        # process would hold for the global batch (the samplers split it contiguously by rank), so coalesce()
+        # sums them in the same order. SignSGD takes sign() of these sums, and a near-zero sum summed in another
+        # order can flip sign: a full lr-sized difference, not rounding noise.
+        grad = p.grad
+        indices, values = grad._indices()[0], grad._values()
+    world = dist.get_world_size()
+    count = torch.tensor([indices.numel()], dtype=torch.long, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    counts = [int(c.item()) for c in counts]
+    most = max(counts)
+    if most == 0:
+        p.grad = None
+        return
+    # all_gather needs equal shapes: pad every rank's rows to the largest count, then drop the padding.
+    pad = most - indices.numel()
+    indices = torch.cat([indices, indices.new_zeros(pad)])
+    values = torch.cat([values, values.new_zeros(pad, *rows_dim)])
+    all_indices = [torch.empty_like(indices) for _ in range(world)]
+    all_values = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(all_indices, indices)
+    dist.all_gather(all_values, values)
+    merged_indices = torch.cat([i[:n] for i, n in zip(all_indices, counts)])
+    merged_values = torch.cat([v[:n] for v, n in zip(all_values, counts)])
+    p.grad = torch.sparse_coo_tensor(merged_indices[None], merged_values, p.shape, check_invariants=False)
