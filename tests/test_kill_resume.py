@@ -58,3 +58,22 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_root):
     for part in ("model", "ema"):
         for name, tensor in expected[part].items():
             assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after kills at {kills_after}"
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tmp_path, data_root):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "experiment=smoke", "train.steps=100000",
+                             "train.checkpoint_every=null", "train.eval_every=null", f"hydra.run.dir={run_dir}"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stopped by a signal at step") and "resume=auto" in last, last
+    step = int(last.split("at step ")[1].split(";")[0])
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == step > 0

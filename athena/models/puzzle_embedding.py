@@ -22,6 +22,9 @@ class PuzzleEmbedding(nn.Module):
         self.puzzle_emb_len, self.hidden_size, self.dim = puzzle_emb_len, hidden_size, dim
         self.weight = nn.Parameter(torch.zeros(num_identifiers, dim))  # (num_identifiers, dim)
 
+    # Inductor cannot build the sparse-gradient backward ("Cannot access storage of SparseTensorImpl" on CPU), so
+    # this lookup stays eager: one graph break at the very start of the model's forward.
+    @torch.compiler.disable
     def forward(self, identifiers: torch.Tensor) -> torch.Tensor:
         emb = F.embedding(identifiers, self.weight, sparse=True)  # (batch, dim)
         emb = F.pad(emb, (0, self.puzzle_emb_len * self.hidden_size - self.dim))  # (batch, len*hidden)
