@@ -217,7 +217,7 @@ class PretrainRecipe:
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["peak_lr"] = group["lr"]
-        self.dense_params = dense
+        self.dense_params, self.sparse_params = dense, sparse
 
     def _ema_params(self) -> dict[str, torch.nn.Parameter]:
         sparse_ids = {id(p) for p in self.model.param_groups()[1]}
@@ -344,7 +344,8 @@ class PretrainRecipe:
                 group["lr"] = group["peak_lr"] * factor
         return self.optimizers[0].param_groups[0]["lr"]
 
-    def _train_step(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One optimizer step over the (local) batch; returns device-side metric sums (no host sync)."""
         t = self.cfg.train
         lr = self._set_lr()
         sums: dict[str, torch.Tensor] = {}
@@ -360,7 +361,7 @@ class PretrainRecipe:
             sums["loss"] = sums.get("loss", 0) + out.loss.detach().double()
         # Each rank's loss is already divided by the GLOBAL batch size: summing the ranks' gradients gives the
         # gradient of the global batch (a no-op in one process). After it every rank clips the same gradient.
-        distributed.sync_gradients(*self.model.param_groups())
+        distributed.sync_gradients(self.dense_params, self.sparse_params)
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
         for opt in self.optimizers:
@@ -370,7 +371,7 @@ class PretrainRecipe:
             self.ema.update()
         sums["grad_norm"] = grad_norm.detach().double()
         sums["lr"] = torch.tensor(lr, dtype=torch.float64)
-        return sums, grad_norm
+        return sums
 
     def _reduce_window(self, window: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Sum the per-rank metric sums over ranks (one all-reduce); grad_norm and lr are already global."""
@@ -414,7 +415,7 @@ class PretrainRecipe:
                 batch = next(batches)
                 position = batch.pop("position")
                 batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                sums, _ = self._train_step(batch)
+                sums = self._train_step(batch)
                 self.step += 1
                 self.batches_consumed = position + 1
                 for key, value in sums.items():
