@@ -21,7 +21,6 @@ log = logging.getLogger("athena")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    import torch
     from torch.utils.data import DataLoader
 
     from athena.config import validate_config
@@ -31,7 +30,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from athena.eval.puzzle_eval import evaluate_puzzles
     from athena.training.checkpoint import CheckpointError, load_checkpoint
     from athena.training.distributed import pick_device
-    from athena.training.recipe import build_model, dataset_dir
+    from athena.training.recipe import autocast_for, build_model, dataset_dir
 
     checkpoint = Path(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
@@ -55,17 +54,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     model.load_state_dict(weights)
     model.to(device).eval()
 
-    precision = cfg.eval.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else None
+    _, autocast = autocast_for(device, cfg.eval.precision)
     sampler = PuzzleBatchSampler(test_set, cfg.eval.batch_size, train=False, seed=run_cfg.seed,
                                  max_examples=cfg.eval.max_examples)
     loader = DataLoader(test_set, sampler=sampler, batch_size=None, pin_memory=device.type == "cuda")
-    kwargs = {"autocast": autocast} if autocast else {}
     is_arc = run_cfg.data.build["_target_"].endswith("build_arc")
     result = evaluate_puzzles(model, loader, device, halt_max_steps=run_cfg.arch.halt_max_steps,
-                              progress=True, keep_predictions=is_arc, **kwargs)
+                              progress=True, keep_predictions=is_arc, autocast=autocast)
     arc_scores = {}
     if is_arc:  # vote over the augmented copies of each test input, scored as ARC does
         from athena.data.arc import arc_pass_at_k

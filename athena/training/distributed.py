@@ -144,7 +144,7 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers to every rank (one flat broadcast per dtype)."""
     if not is_initialized():
         return
-    tensors = [t for t in list(module.parameters()) + list(module.buffers())]
+    tensors = list(module.parameters()) + list(module.buffers())
     for group in _by_dtype(tensors).values():
         flat = _flatten_dense_tensors([t.data for t in group])
         dist.broadcast(flat, src=src)

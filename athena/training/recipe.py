@@ -81,6 +81,15 @@ class CompiledWithFallback:
         return getattr(self.module, name)
 
 
+def autocast_for(device: torch.device, precision: str):
+    """(resolved precision, a factory of the context to run forwards in): `auto` is bf16 on CUDA, fp32 elsewhere."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return precision, partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
+    return precision, nullcontext
+
+
 def dataset_dir(cfg: RunConfig) -> Path:
     """data.dir, or <data_root>/<name>-<hash of the build spec> so each recipe gets its own cache."""
     if cfg.data.dir:
@@ -132,7 +141,7 @@ class PretrainRecipe:
             self.run_dir = Path(distributed.broadcast_object(str(self.run_dir)))
             self.checkpoint_dir = self.run_dir / "checkpoints"
         torch.manual_seed(self.cfg.seed)  # the same on every rank: identical initial weights
-        self.autocast = self._autocast_factory()
+        self.precision, self.autocast = autocast_for(self.device, self.cfg.train.precision)
         self._setup_data()
         self._setup_model()
         self._setup_optimizers()
@@ -160,15 +169,6 @@ class PretrainRecipe:
     def close(self) -> None:
         """Destroy the process group (a no-op in one process); safe to call twice."""
         distributed.teardown()
-
-    def _autocast_factory(self):
-        precision = self.cfg.train.precision
-        if precision == "auto":
-            precision = "bf16" if self.device.type == "cuda" else "fp32"
-        self.precision = precision
-        if precision == "bf16":
-            return partial(torch.autocast, device_type=self.device.type, dtype=torch.bfloat16)
-        return nullcontext
 
     def _setup_data(self) -> None:
         self.data_dir = ensure_dataset(dataset_dir(self.cfg), dict(self.cfg.data.build))
