@@ -1,0 +1,3 @@
+from athena.adapters.bottleneck.layer import BottleneckAdapter
+
+__all__ = ["BottleneckAdapter"]

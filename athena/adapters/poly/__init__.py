@@ -1,0 +1,3 @@
+from athena.adapters.poly.layer import PolyAdapter, base_dims
+
+__all__ = ["PolyAdapter", "base_dims"]

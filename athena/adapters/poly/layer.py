@@ -1,0 +1,250 @@
+"""PolyAdapter: one wrapper around a linear layer holding IA3, LoRA and a routed mixture of LoRA experts.
+
+    out = base(x) * ia3            (IA3: scales the OUTPUT features of the wrapped layer; init ones)
+        + lora_B(lora_A(drop(x))) * scaling
+        + sum_{e in top-k(x)} gate_e(x) * B_e(A_e(drop(x))) * expert_scaling
+
+Every part is a plain attribute you can flip (`layer.use_lora = False`); all off is exactly `base(x)`.
+LoRA B and every expert B start at zero, IA3 at one, so a fresh adapter equals the base exactly.
+
+Experts are batched, never looped over in Python: all experts' A are one (E*r, in) matrix and all B one
+(out, E*r) matrix. x @ A_all gives every expert's r-slice at once; each slice is multiplied by its routing
+weight (0 for experts outside the token's top-k), then one matmul with B_all sums the chosen experts.
+Zeroed slices mean unselected experts get exactly zero gradient, as if they had not run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def base_dims(layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a supported linear layer.
+
+    fan_in_fan_out: the weight is stored (in, out), as in HF GPT-2's Conv1D, instead of torch's (out, in).
+    """
+    from athena.adapters.quantize import Int8Linear
+
+    name = type(layer).__name__
+    if isinstance(layer, (nn.Linear, Int8Linear)) or _is_athena_linear(layer):
+        return layer.in_features, layer.out_features, False
+    if name == "Conv1D" and hasattr(layer, "nf"):  # transformers.pytorch_utils.Conv1D: weight (in, out)
+        return layer.weight.shape[0], layer.weight.shape[1], True
+    raise TypeError(f"cannot wrap {name}: supported are nn.Linear, athena Linear and transformers Conv1D")
+
+
+def _is_athena_linear(layer: nn.Module) -> bool:
+    from athena.models.layers import Linear
+
+    return isinstance(layer, Linear)
+
+
+class PolyAdapter(nn.Module):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_lora: bool = True,
+        use_ia3: bool = False,
+        use_moe: bool = False,
+        num_experts: int = 4,
+        top_k: int = 2,
+        expert_rank: int | None = None,
+        use_rslora: bool = False,
+        router_aux_weight: float = 0.01,
+        router_z_weight: float = 0.001,
+        *,
+        k: int | None = None,  # alias of top_k (the issue's name)
+    ):
+        super().__init__()
+        top_k = top_k if k is None else k
+        self.base_layer = base_layer
+        self.in_features, self.out_features, self.fan_in_fan_out = base_dims(base_layer)
+        self.use_lora, self.use_ia3, self.use_moe = use_lora, use_ia3, use_moe
+        self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
+        self.num_experts, self.top_k = num_experts if use_moe else 0, top_k
+        self.expert_rank = (expert_rank or rank) if use_moe else 0
+        self.router_aux_weight, self.router_z_weight = router_aux_weight, router_z_weight
+        if use_moe and not 1 <= top_k <= num_experts:
+            raise ValueError(f"PolyAdapter: top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if use_moe and self.expert_rank < 1:
+            raise ValueError(f"PolyAdapter: expert_rank={expert_rank} (rank={rank}) must be >= 1 with experts on")
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = base_layer.weight
+        kw = dict(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
+
+        # Parts are created only when switched on at construction; flipping a flag off later just skips them.
+        self.lora_A = self.lora_B = None
+        if use_lora and rank > 0:
+            self.scaling = alpha / (math.sqrt(rank) if use_rslora else rank)
+            # nn.Linear submodules so the state-dict keys are `<path>.lora_A.weight`, as in peft.
+            self.lora_A = nn.Linear(self.in_features, rank, bias=False, **kw)
+            self.lora_B = nn.Linear(rank, self.out_features, bias=False, **kw)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # torch's Linear default
+            nn.init.zeros_(self.lora_B.weight)  # delta starts at exactly zero
+        self.ia3_l = nn.Parameter(torch.ones(self.out_features, **kw)) if use_ia3 else None
+        self.router = self.expert_A = self.expert_B = None
+        if use_moe:
+            E, r = self.num_experts, self.expert_rank
+            self.expert_scaling = alpha / (math.sqrt(r) if use_rslora else r)
+            self.router = nn.Linear(self.in_features, E, bias=False, **kw)
+            nn.init.normal_(self.router.weight, std=0.02)  # small: near-uniform routing, ties broken at random
+            self.expert_A = nn.Parameter(torch.empty(E * r, self.in_features, **kw))  # expert e = rows e*r:(e+1)*r
+            self.expert_B = nn.Parameter(torch.zeros(self.out_features, E * r, **kw))
+            for e in range(E):  # each expert initialised like an independent LoRA A
+                nn.init.kaiming_uniform_(self.expert_A.data[e * r : (e + 1) * r], a=math.sqrt(5))
+        self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
+        self._aux_loss: torch.Tensor | None = None  # router loss summed over grad-enabled calls since last pop
+        self.last_expert_load: torch.Tensor | None = None  # (E,) fraction of routed slots per expert, for logging
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_parts)
+
+    def adapter_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
+
+    # ---- forward ----
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        lora = self.lora_A is not None and self.use_lora and "lora" not in self.merged_parts
+        ia3 = self.ia3_l is not None and self.use_ia3 and "ia3" not in self.merged_parts
+        moe = self.router is not None and self.use_moe
+        if not (lora or ia3 or moe):
+            return result
+        # Adapters may live in another dtype than the base (e.g. bf16 adapters over an int8 base).
+        adtype = (self.lora_A.weight if self.lora_A is not None else self.ia3_l if self.ia3_l is not None
+                  else self.expert_A).dtype
+        if ia3:
+            result = result * self.ia3_l.to(result.dtype)
+        if lora or moe:
+            xa = self.dropout(x.to(adtype))
+            if lora:
+                # Two kernels: x A^T, then one GEMM that adds s * (x A^T) B^T into the base output (addmm's beta=1).
+                # Per-layer launches and Python calls, not FLOPs, are what a rank-8 adapter costs.
+                down = F.linear(xa.reshape(-1, self.in_features), self.lora_A.weight).to(result.dtype)
+                flat = torch.addmm(result.reshape(-1, self.out_features), down,
+                                   self.lora_B.weight.to(result.dtype).t(), alpha=self.scaling)
+                result = flat.view(result.shape)
+            if moe:
+                result = result + self._experts(xa).to(result.dtype)
+        return result
+
+    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x2 (N, in) -> gates (N, E) float32 (zero outside each token's top-k), router logits (N, E), top-k ids (N, k)."""
+        logits = F.linear(x2, self.router.weight).float()
+        probs = logits.softmax(-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:  # renormalise over the chosen experts; with k=1 keep the raw prob (Switch) so the
+            top_p = top_p / top_p.sum(-1, keepdim=True)  # router still gets a gradient from the task loss
+        gates = torch.zeros_like(probs).scatter(1, top_i, top_p)
+        return gates, logits, top_i
+
+    def _experts(self, x: torch.Tensor) -> torch.Tensor:
+        E, r = self.num_experts, self.expert_rank
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        gates, logits, top_i = self.route(x2)
+        h = F.linear(x2, self.expert_A).view(-1, E, r)  # (N, E, r): every expert's down-projection at once
+        # Unselected experts -> exactly zero (value and gradient); the scaling rides along on the gates.
+        h = h * (gates * self.expert_scaling).to(h.dtype).unsqueeze(-1)
+        out = F.linear(h.view(-1, E * r), self.expert_B)  # (N, out): the sum over the chosen experts
+        if torch.is_grad_enabled():
+            self._accumulate_aux(logits, top_i)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _accumulate_aux(self, logits: torch.Tensor, top_i: torch.Tensor) -> None:
+        E = self.num_experts
+        probs = logits.softmax(-1)
+        # Switch load balancing: E * sum_e (fraction of routed slots to e) * (mean router prob of e); 1 if uniform.
+        load = torch.bincount(top_i.reshape(-1), minlength=E).float() / top_i.numel()
+        balance = E * (load * probs.mean(0)).sum()
+        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small (ST-MoE)
+        aux = self.router_aux_weight * balance + self.router_z_weight * z_loss
+        # Activation checkpointing re-runs this forward during backward: the ops above must run again (the
+        # checkpoint checks that the same tensors get saved), but the loss must not be counted a second time.
+        if not _in_backward():
+            self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
+            self.last_expert_load = load.detach()
+
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        aux, self._aux_loss = self._aux_loss, None
+        return aux
+
+    # ---- merge ----
+
+    def delta_weight(self) -> torch.Tensor:
+        """LoRA's weight delta in torch layout (out, in), float32."""
+        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+    def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from athena.adapters.config import AdapterConfigError
+        from athena.adapters.quantize import Int8Linear
+
+        if isinstance(self.base_layer, Int8Linear):
+            raise AdapterConfigError("cannot merge adapters into an int8-quantised base; merge before quantize_adapter_model")
+        return self.base_layer.weight, getattr(self.base_layer, "bias", None)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold LoRA and IA3 (those switched on) into the base weight: W' = diag(l) W + s B A, b' = l * b."""
+        if self.merged:
+            return
+        parts = []
+        weight, bias = self._base_tensors()
+        w = weight.float().T if self.fan_in_fan_out else weight.float()  # (out, in) view to work in
+        w = w.clone()
+        if self.ia3_l is not None and self.use_ia3:
+            w *= self.ia3_l.float()[:, None]
+            if bias is not None:
+                bias.copy_(bias.float() * self.ia3_l.float())
+            parts.append("ia3")
+        if self.lora_A is not None and self.use_lora:
+            w += self.delta_weight()
+            parts.append("lora")
+        weight.copy_(w.T if self.fan_in_fan_out else w)
+        self.merged_parts = tuple(parts)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() exactly (up to float rounding): W = (W' - s B A) / l, b = b' / l."""
+        if not self.merged:
+            return
+        weight, bias = self._base_tensors()
+        w = (weight.float().T if self.fan_in_fan_out else weight.float()).clone()
+        if "lora" in self.merged_parts:
+            w -= self.delta_weight()
+        if "ia3" in self.merged_parts:
+            w /= self.ia3_l.float()[:, None]
+            if bias is not None:
+                bias.copy_(bias.float() / self.ia3_l.float())
+        weight.copy_(w.T if self.fan_in_fan_out else w)
+        self.merged_parts = ()
+
+    def extra_repr(self) -> str:
+        parts = [f"in={self.in_features}, out={self.out_features}"]
+        if self.lora_A is not None:
+            parts.append(f"lora(rank={self.rank}, scaling={self.scaling:g}){'' if self.use_lora else ' off'}")
+        if self.ia3_l is not None:
+            parts.append(f"ia3{'' if self.use_ia3 else ' off'}")
+        if self.router is not None:
+            parts.append(f"experts({self.num_experts}, top_k={self.top_k}, rank={self.expert_rank})"
+                         f"{'' if self.use_moe else ' off'}")
+        if self.merged:
+            parts.append(f"merged={'+'.join(self.merged_parts)}")
+        return ", ".join(parts)
+
+
+def _in_backward() -> bool:
+    """True while autograd runs backward (e.g. activation checkpointing recomputing the forward): that
+    recomputation must not add the router loss a second time."""
+    try:
+        return torch._C._current_graph_task_id() != -1
+    except AttributeError:  # older torch: no way to tell; counting twice is the lesser evil
+        return False

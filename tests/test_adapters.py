@@ -1,0 +1,505 @@
+"""athena.adapters on single layers and on a tiny TRM: exactness at init, switches, routing, merge, aux loss,
+save/load, int8 base, config errors and a short adaptation run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from athena.adapters import (
+    AdapterConfig, AdapterConfigError, BottleneckAdapter, BottleneckWrapper, Int8Linear, PolyAdapter,
+    adapter_aux_loss, add_adapters, add_hybrid_adapter_to_model, count_parameters, load_adapter, merge_adapters,
+    merge_and_unload, quantize_adapter_model, save_adapter, unmerge_adapters,
+)
+from athena.models.layers import Linear as AthenaLinear
+from athena.models.trm import TinyRecursiveModel
+
+VOCAB, SEQ, NUM_IDS = 6, 16, 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_trm(**overrides) -> TinyRecursiveModel:
+    kwargs = dict(vocab_size=VOCAB, seq_len=SEQ, num_puzzle_identifiers=NUM_IDS, hidden_size=32, num_heads=4,
+                  num_layers=2, H_cycles=2, L_cycles=2, halt_max_steps=2, puzzle_emb_len=2,
+                  halt_exploration_prob=0.0, expansion=2.0)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return TinyRecursiveModel(**kwargs)
+
+
+def make_batch(batch_size: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "inputs": torch.randint(1, VOCAB, (batch_size, SEQ), generator=g),
+        "labels": torch.randint(2, VOCAB, (batch_size, SEQ), generator=g),
+        "puzzle_identifiers": torch.randint(0, NUM_IDS, (batch_size,), generator=g),
+    }
+
+
+def trm_logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        _, out = model(model.initial_carry(batch), batch)
+    return out.logits
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1, scale: float = 0.1) -> None:
+    """Move every adapter parameter off its (identity) init, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (PolyAdapter, BottleneckAdapter)):
+                for n, p in m.named_parameters():
+                    if n.startswith("base_layer."):
+                        continue
+                    noise = torch.randn(p.shape, generator=g).to(p.dtype) * scale
+                    p.copy_(1.0 + noise if n == "ia3_l" else p + noise)
+
+
+def conv1d(in_f: int, out_f: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    layer = Conv1D(out_f, in_f)
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+BASES = {
+    "torch": lambda: nn.Linear(12, 10, bias=True),
+    "athena": lambda: AthenaLinear(12, 10, bias=True),
+    "conv1d": lambda: conv1d(12, 10),
+}
+
+
+# ---- one PolyAdapter ----
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_all_parts_off_equals_base_exactly(kind):
+    torch.manual_seed(0)
+    base = BASES[kind]()
+    x = torch.randn(3, 5, 12)
+    ref = base(x)
+    layer = PolyAdapter(base, rank=4, use_lora=True, use_ia3=True, use_moe=True, num_experts=3, top_k=2)
+    randomize_adapters(layer)
+    assert not torch.allclose(layer(x), ref, atol=1e-4)  # the parts do something once trained...
+    layer.use_lora = layer.use_ia3 = layer.use_moe = False
+    assert torch.equal(layer(x), ref)  # ...and switched off they are gone, bit for bit
+    built_off = PolyAdapter(base, use_lora=False, use_ia3=False, use_moe=False)
+    assert torch.equal(built_off(x), ref) and not built_off.adapter_parameters()
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+def test_fresh_adapter_equals_base_and_each_switch_matters(kind):
+    torch.manual_seed(0)
+    base = BASES[kind]()
+    x = torch.randn(2, 7, 12)
+    ref = base(x)
+    layer = PolyAdapter(base, rank=4, use_lora=True, use_ia3=True, use_moe=True, num_experts=4, top_k=2)
+    assert torch.equal(layer(x), ref)
+    randomize_adapters(layer)
+    full = layer(x)
+    for part in ("use_lora", "use_ia3", "use_moe"):
+        setattr(layer, part, False)
+        assert not torch.allclose(layer(x), full, atol=1e-5), f"{part}=False changed nothing"
+        setattr(layer, part, True)
+
+
+def test_lora_and_ia3_formula_and_rslora_scaling():
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10)
+    x = torch.randn(4, 12)
+    layer = PolyAdapter(base, rank=4, alpha=8.0, use_lora=True, use_ia3=True)
+    randomize_adapters(layer)
+    expected = base(x) * layer.ia3_l + (x @ layer.lora_A.weight.T @ layer.lora_B.weight.T) * 2.0
+    torch.testing.assert_close(layer(x), expected)
+    assert PolyAdapter(nn.Linear(12, 10), rank=4, alpha=8.0, use_rslora=True).scaling == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("moe", [False, True])
+def test_merge_matches_unmerged_and_unmerge_restores(kind, moe):
+    torch.manual_seed(0)
+    base = BASES[kind]()
+    w0, b0 = base.weight.detach().clone(), base.bias.detach().clone()
+    layer = PolyAdapter(base, rank=4, use_lora=True, use_ia3=True, use_moe=moe, num_experts=3, top_k=2)
+    randomize_adapters(layer, scale=0.3)
+    x = torch.randn(6, 12)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged_parts == ("ia3", "lora")
+        assert not torch.allclose(base.weight, w0)
+        torch.testing.assert_close(layer(x), unmerged, atol=1e-5, rtol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(base.weight, w0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(base.bias, b0, atol=1e-6, rtol=1e-5)
+    assert not layer.merged
+
+
+def routed_layer(E=6, k=2, seed=0) -> PolyAdapter:
+    torch.manual_seed(seed)
+    layer = PolyAdapter(nn.Linear(16, 8), rank=3, use_lora=False, use_moe=True, num_experts=E, top_k=k)
+    randomize_adapters(layer, scale=0.5)  # non-zero experts B and a non-trivial router
+    return layer
+
+
+def test_topk_routing_picks_exactly_k_experts_with_normalised_weights():
+    layer = routed_layer(E=6, k=2)
+    gates, _, top_i = layer.route(torch.randn(50, 16))
+    assert ((gates > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(50))
+    assert top_i.shape == (50, 2)
+    assert len(top_i.unique()) > 2  # different tokens go to different experts
+
+
+def test_gradients_reach_only_the_selected_experts():
+    layer = routed_layer(E=6, k=2)
+    r = layer.expert_rank
+    for seed in range(3):
+        x = torch.randn(1, 16, generator=torch.Generator().manual_seed(seed))  # one token
+        chosen = set(layer.route(x)[2][0].tolist())
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().sum().backward()
+        adapter_aux_loss_of(layer)  # drop the accumulated router loss
+        for e in range(layer.num_experts):
+            a_grad = layer.expert_A.grad[e * r:(e + 1) * r].abs().sum()
+            b_grad = layer.expert_B.grad[:, e * r:(e + 1) * r].abs().sum()
+            if e in chosen:
+                assert a_grad > 0 and b_grad > 0, f"expert {e} was chosen but got no gradient"
+            else:
+                assert a_grad == 0 and b_grad == 0, f"expert {e} was not chosen but got a gradient"
+        assert layer.router.weight.grad.abs().sum() > 0  # the router learns from the task loss too
+
+
+def adapter_aux_loss_of(layer):
+    return layer.pop_aux_loss()
+
+
+def test_batched_experts_equal_a_naive_per_expert_loop():
+    layer = routed_layer(E=5, k=3, seed=2)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        got = layer(x)
+        x2 = x.reshape(-1, 16)
+        probs = layer.router(x2).softmax(-1)
+        r = layer.expert_rank
+        expected = layer.base_layer(x2)
+        for t in range(x2.shape[0]):  # token by token, expert by expert: the obvious (slow) definition
+            top_p, top_i = probs[t].topk(3)
+            top_p = top_p / top_p.sum()
+            for p, e in zip(top_p, top_i):
+                A, B = layer.expert_A[e * r:(e + 1) * r], layer.expert_B[:, e * r:(e + 1) * r]
+                expected[t] += p * (B @ (A @ x2[t])) * layer.expert_scaling
+    torch.testing.assert_close(got, expected.view(2, 9, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_aux_loss_is_positive_reaches_the_router_and_resets():
+    model = tiny_trm()
+    add_adapters(model, AdapterConfig(method="moe", rank=4, num_experts=4, top_k=2))
+    batch = make_batch()
+    with torch.no_grad():
+        model(model.initial_carry(batch), batch)
+    assert adapter_aux_loss(model) is None  # no-grad forwards add nothing
+    model(model.initial_carry(batch), batch)
+    aux = adapter_aux_loss(model)
+    assert aux is not None and aux.ndim == 0 and aux.item() > 0
+    aux.backward()
+    routers = [m.router.weight for m in model.modules() if isinstance(m, PolyAdapter)]
+    assert all(w.grad is not None and w.grad.abs().sum() > 0 for w in routers)
+    assert adapter_aux_loss(model) is None  # popped
+    lora_only = add_adapters(tiny_trm(), AdapterConfig(method="lora"))
+    lora_only(lora_only.initial_carry(batch), batch)
+    assert adapter_aux_loss(lora_only) is None
+
+
+def test_aux_loss_matches_switch_formula():
+    layer = routed_layer(E=4, k=1)
+    layer.router_aux_weight, layer.router_z_weight = 1.0, 0.0
+    x = torch.randn(64, 16)
+    layer(x)
+    aux = layer.pop_aux_loss()
+    probs = layer.router(x).softmax(-1)
+    frac = torch.bincount(probs.argmax(-1), minlength=4).float() / 64
+    torch.testing.assert_close(aux, 4 * (frac * probs.mean(0)).sum())
+
+
+# ---- whole models: TRM ----
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "moe", "poly", "hybrid"])
+def test_fresh_adapted_trm_equals_base(method):
+    base = tiny_trm().eval()
+    model = add_adapters(copy.deepcopy(base), AdapterConfig(method=method, rank=4)).eval()
+    batch = make_batch()
+    assert torch.equal(trm_logits(model, batch), trm_logits(base, batch))
+    trainable, total = count_parameters(model)
+    assert 0 < trainable < total
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(any(k in n for k in ("lora_", "ia3_l", "expert_", "router", "adapter.")) for n in names)
+    assert not model.puzzle_embedding.weight.requires_grad and not model.embed_tokens.weight.requires_grad
+
+
+def test_trm_default_targets_and_mlp_mixer():
+    model = add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=2))
+    wrapped = sorted(n for n, m in model.named_modules() if isinstance(m, PolyAdapter))
+    assert wrapped == [f"net.layers.{i}.{p}" for i in (0, 1)
+                       for p in ("attn.o_proj", "attn.qkv_proj", "mlp.down_proj", "mlp.gate_up_proj")]
+    base = tiny_trm(mixer="mlp").eval()
+    model = add_adapters(copy.deepcopy(base), AdapterConfig(method="poly", rank=2)).eval()
+    assert isinstance(model.net.layers[0].seq_mlp.down_proj, PolyAdapter)
+    batch = make_batch()
+    assert torch.equal(trm_logits(model, batch), trm_logits(base, batch))
+
+
+def test_layers_to_skip_rank_pattern_and_target_regex():
+    cfg = AdapterConfig(method="lora", rank=4, target_modules=["qkv_proj", r"net\.layers\.\d+\.mlp\.down_proj"],
+                        rank_pattern={r"layers\.1\.attn\.qkv_proj": 2}, layers_to_skip=[0])
+    model = add_adapters(tiny_trm(), cfg)
+    wrapped = {n: m.rank for n, m in model.named_modules() if isinstance(m, PolyAdapter)}
+    assert wrapped == {"net.layers.1.attn.qkv_proj": 2, "net.layers.1.mlp.down_proj": 4}
+
+
+def test_hybrid_puts_lora_on_attention_and_bottlenecks_after_the_ffn():
+    base = tiny_trm().eval()
+    cfg = AdapterConfig(method="hybrid", rank=4, bottleneck_size=8, bottleneck_gating=True)
+    model = add_hybrid_adapter_to_model(copy.deepcopy(base), cfg)
+    layer = model.net.layers[0]
+    assert isinstance(layer.attn.qkv_proj, PolyAdapter) and isinstance(layer.attn.o_proj, PolyAdapter)
+    assert isinstance(layer.mlp.down_proj, BottleneckWrapper) and not isinstance(layer.mlp.gate_up_proj, PolyAdapter)
+    assert layer.mlp.down_proj.adapter is not model.net.layers[1].mlp.down_proj.adapter
+    randomize_adapters(model)
+    batch = make_batch()
+    assert not torch.allclose(trm_logits(model.eval(), batch), trm_logits(base, batch), atol=1e-4)
+
+    shared = add_adapters(copy.deepcopy(base), AdapterConfig(method="hybrid", rank=4, bottleneck_size=8,
+                                                              share_across_layers=True))
+    a0, a1 = (shared.net.layers[i].mlp.down_proj.adapter for i in (0, 1))
+    assert a0 is a1
+    per_layer = sum(p.numel() for p in a0.parameters())
+    t_shared, _ = count_parameters(shared)
+    t_sep, _ = count_parameters(add_adapters(copy.deepcopy(base), AdapterConfig(method="hybrid", rank=4,
+                                                                                 bottleneck_size=8)))
+    assert t_sep - t_shared == per_layer  # the shared adapter is counted (and optimised) once
+
+
+def test_bottleneck_adapter_identity_at_init_and_formula():
+    torch.manual_seed(0)
+    adapter = BottleneckAdapter(10, bottleneck_size=4, activation="relu", gating=True)
+    h = torch.randn(3, 10)
+    assert torch.equal(adapter(h), h)
+    randomize_adapters(adapter)
+    expected = h + torch.sigmoid(adapter.gate) * adapter.up(torch.relu(adapter.down(h)))
+    torch.testing.assert_close(adapter(h), expected)
+
+
+def test_trm_merge_unmerge_and_merge_and_unload():
+    base = tiny_trm().eval()
+    model = add_adapters(copy.deepcopy(base), AdapterConfig(method="poly", rank=4, use_moe=False)).eval()
+    randomize_adapters(model)
+    batch = make_batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    unmerged = trm_logits(model, batch)
+    merge_adapters(model)
+    torch.testing.assert_close(trm_logits(model, batch), unmerged, atol=1e-4, rtol=1e-4)
+    unmerge_adapters(model)
+    for n, p in model.named_parameters():
+        if n in before:
+            torch.testing.assert_close(p, before[n], atol=1e-6, rtol=1e-5)
+    merge_and_unload(model)
+    assert not any(isinstance(m, PolyAdapter) for m in model.modules())
+    assert type(model.net.layers[0].attn.qkv_proj) is AthenaLinear
+    torch.testing.assert_close(trm_logits(model, batch), unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_experts_stay_unmerged_and_that_is_said():
+    model = add_adapters(tiny_trm(), AdapterConfig(method="poly", rank=4)).eval()
+    randomize_adapters(model)
+    batch = make_batch()
+    unmerged = trm_logits(model, batch)
+    with pytest.warns(UserWarning, match="experts .* stay unmerged"):
+        merge_and_unload(model)
+    assert all(isinstance(m, PolyAdapter) and m.merged for m in model.modules() if isinstance(m, PolyAdapter))
+    assert any(isinstance(m, PolyAdapter) for m in model.modules())
+    # 6 applications of the net per step amplify the float rounding of the merged weights a little
+    torch.testing.assert_close(trm_logits(model, batch), unmerged, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "poly", "hybrid"])
+def test_save_load_round_trip_is_exact(tmp_path, method):
+    base = tiny_trm().eval()
+    cfg = AdapterConfig(method=method, rank=4, bottleneck_size=8, share_across_layers=(method == "hybrid"),
+                        rank_pattern={"o_proj": 2} if method == "lora" else {})
+    model = add_adapters(copy.deepcopy(base), cfg).eval()
+    randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    from safetensors.torch import load_file
+
+    keys = load_file(tmp_path / "adapter_model.safetensors").keys()
+    assert not any("base_layer" in k or "embed" in k for k in keys)  # only adapter tensors
+    if method in ("lora", "ia3"):
+        assert all(k.startswith("base_model.model.") for k in keys)  # peft format
+    fresh = load_adapter(copy.deepcopy(base), tmp_path).eval()  # adds the adapters, then loads them
+    batch = make_batch()
+    assert torch.equal(trm_logits(fresh, batch), trm_logits(model, batch))
+    sd, fsd = model.state_dict(), fresh.state_dict()
+    assert sd.keys() == fsd.keys() and all(torch.equal(sd[k], fsd[k]) for k in sd)
+    into_existing = add_adapters(copy.deepcopy(base), cfg)  # a model that already has the same adapters
+    load_adapter(into_existing, tmp_path)
+    assert torch.equal(trm_logits(into_existing.eval(), batch), trm_logits(model, batch))
+
+
+def test_load_refuses_a_mismatched_adapter(tmp_path):
+    model = add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=4))
+    save_adapter(model, tmp_path)
+    other = add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=4, target_modules=["qkv_proj"]))
+    with pytest.raises(AdapterConfigError, match="does not fit"):
+        load_adapter(other, tmp_path)
+
+
+@pytest.mark.parametrize("adapter_bits", [16, 32])
+def test_int8_base_forward_is_close(adapter_bits):
+    # One net application per step: the recursion would amplify rounding (and flip near-tie expert routes).
+    base = tiny_trm(H_cycles=1, L_cycles=1).eval()
+    model = add_adapters(copy.deepcopy(base), AdapterConfig(method="poly", rank=4)).eval()
+    randomize_adapters(model, scale=0.05)
+    batch = make_batch()
+    ref = trm_logits(model, batch)
+    _, total = count_parameters(model)
+    dequantized = copy.deepcopy(model)  # the same model with each base weight rounded to what int8 can hold
+    quantize_adapter_model(model, bits=8, adapter_bits=adapter_bits)
+    q = model.net.layers[0].attn.qkv_proj
+    assert isinstance(q.base_layer, Int8Linear) and q.base_layer.weight.dtype == torch.int8
+    assert isinstance(model.lm_head, Int8Linear)  # frozen non-adapted linears too
+    assert q.lora_A.weight.dtype == (torch.bfloat16 if adapter_bits == 16 else torch.float32)
+    assert count_parameters(model)[1] == total
+    got = trm_logits(model, batch)
+    assert torch.isfinite(got).all()
+    assert (got - ref).norm() / ref.norm() < 0.1  # close to the full-precision model
+    if adapter_bits == 32:  # and exactly the model with int8-rounded weights, up to float rounding
+        int8_of = {n: m for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+        with torch.no_grad():
+            for n, m in dequantized.named_modules():
+                if n in int8_of:
+                    w = int8_of[n].dequantize()
+                    m.weight.copy_(w.T if getattr(m, "nf", None) else w)
+        torch.testing.assert_close(got, trm_logits(dequantized, batch), atol=1e-4, rtol=1e-4)
+    # adapters still train over the int8 base
+    model.train()
+    _, out = model(model.initial_carry(batch), batch)
+    out.loss.backward()
+    assert q.lora_B.weight.grad is not None and q.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_int8_linear_error_is_small():
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 32)
+    q = Int8Linear.from_layer(layer)
+    x = torch.randn(8, 64)
+    assert (q(x) - layer(x)).abs().max() < 0.01 * layer(x).abs().max()
+    conv = conv1d(64, 32)
+    torch.testing.assert_close(Int8Linear.from_layer(conv)(x), conv(x), atol=0.02, rtol=0.02)
+
+
+# ---- bad configs ----
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(method="lora", rank=-1), "rank"),
+    (dict(method="lora", rank=0), "rank"),
+    (dict(method="moe", num_experts=2, top_k=3), "top_k"),
+    (dict(method="bitfit"), "method"),
+    (dict(method="hybrid", bottleneck_activation="swishy"), "bottleneck_activation"),
+    (dict(method="lora", dropout=1.5), "dropout"),
+    (dict(method="lora", rank_pattern={"o_proj": 0}), "rank_pattern"),
+])
+def test_bad_config_fails_with_one_clear_line(kwargs, field):
+    with pytest.raises(AdapterConfigError) as info:
+        AdapterConfig(**kwargs)
+    msg = str(info.value)
+    assert field in msg and "\n" not in msg
+    assert isinstance(info.value, ValueError)
+
+
+def test_unknown_target_module_names_what_exists():
+    with pytest.raises(AdapterConfigError) as info:
+        add_adapters(tiny_trm(), AdapterConfig(method="lora", target_modules=["q_prj"]))
+    msg = str(info.value)
+    assert "q_prj" in msg and "qkv_proj" in msg and "\n" not in msg
+    with pytest.raises(AdapterConfigError, match="unknown field"):
+        AdapterConfig.from_dict({"method": "lora", "rnak": 4})
+    with pytest.raises(AdapterConfigError, match="already has adapters"):
+        add_adapters(add_adapters(tiny_trm(), AdapterConfig(method="lora")), AdapterConfig(method="lora"))
+
+
+# ---- adaptation actually trains ----
+
+@pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
+def test_adapters_train_a_frozen_trm(method):
+    model = add_adapters(tiny_trm(), AdapterConfig(method=method, rank=4, bottleneck_size=8))
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert "puzzle_embedding.weight" in frozen
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params and count_parameters(model)[0] == sum(p.numel() for p in params)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    batch = make_batch(8, seed=5)
+    losses = []
+    for _ in range(12):
+        _, out = model(model.initial_carry(batch), batch)
+        aux = adapter_aux_loss(model)
+        loss = out.loss / 8 + (aux if aux is not None else 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(out.loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), f"frozen {n} changed"
+
+
+def test_activation_checkpointing_counts_the_router_loss_once():
+    # Checkpointing re-runs the forward inside backward; the aux loss and gradients must be the same as without.
+    results = []
+    for ckpt in (False, True):
+        model = add_adapters(tiny_trm(gradient_checkpointing=ckpt), AdapterConfig(method="poly", rank=4))
+        randomize_adapters(model)
+        batch = make_batch()
+        _, out = model(model.initial_carry(batch), batch)
+        aux = adapter_aux_loss(model)
+        (out.loss + aux).backward()
+        assert adapter_aux_loss(model) is None  # the recomputation added nothing
+        results.append((aux.detach(), model.net.layers[0].attn.qkv_proj.router.weight.grad.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
+def test_cuda_bf16_autocast_and_int8_base(method):
+    base = tiny_trm(H_cycles=1, L_cycles=1).eval()  # no recursion to amplify rounding
+    batch = {k: v.cuda() for k, v in make_batch().items()}
+    ref_model = add_adapters(copy.deepcopy(base), AdapterConfig(method=method, rank=4, bottleneck_size=8))
+    randomize_adapters(ref_model, scale=0.05)
+    model = copy.deepcopy(ref_model).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, out = model.train()(model.initial_carry(batch), batch)
+    aux = adapter_aux_loss(model)
+    (out.loss + (aux if aux is not None else 0)).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with torch.no_grad():
+        ref = trm_logits(ref_model.cpu(), {k: v.cpu() for k, v in batch.items()})
+        got = trm_logits(model.eval(), batch).float().cpu()
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)  # fp32 on the GPU == fp32 on the CPU
+        quantize_adapter_model(model, bits=8, adapter_bits=16)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            q = trm_logits(model, batch).float().cpu()
+    assert torch.isfinite(q).all() and (q - ref).norm() / ref.norm() < 0.1
