@@ -30,7 +30,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from athena.eval.puzzle_eval import evaluate_puzzles
     from athena.training.checkpoint import CheckpointError, load_checkpoint
     from athena.training.distributed import pick_device
-    from athena.training.recipe import autocast_for, build_model, dataset_dir
+    from athena.training.recipe import attach_adapter, autocast_for, build_model, dataset_dir
 
     checkpoint = Path(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
@@ -45,7 +45,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     device = pick_device(cfg.eval.device)
     data_dir = ensure_dataset(dataset_dir(run_cfg), dict(run_cfg.data.build))
     test_set = PuzzleDataset(data_dir, "test")
-    model = build_model(run_cfg, test_set.metadata)
+    model = attach_adapter(build_model(run_cfg, test_set.metadata), run_cfg.adapter)  # an adapter run's checkpoint
     weights = dict(state["model"])
     if cfg.eval.weights == "ema":
         if not state.get("ema"):

@@ -53,9 +53,74 @@ class TRMArch(TargetNode):
 
 
 class NamedOnly(Strict):
-    """Groups that only have `none` so far (adapter, freezing, exit)."""
+    """Groups that only have `none` so far (freezing, exit)."""
 
     name: Literal["none"]
+
+
+# Parts (LoRA, IA3, experts) each method switches on when use_lora / use_ia3 / use_moe are null, as in
+# athena.adapters.AdapterConfig (which checks the same rules again when the adapter is built).
+_ADAPTER_PARTS = {"lora": (True, False, False), "ia3": (False, True, False), "moe": (False, False, True),
+                  "poly": (True, True, True), "hybrid": (True, False, False)}
+
+
+class AdapterNode(Strict):
+    """conf/adapter/*.yaml: `name` (none or an athena.adapters method) + the AdapterConfig knobs.
+
+    The defaults equal athena.adapters.AdapterConfig's; `name=none` leaves the model untouched.
+    """
+
+    name: Literal["none", "lora", "ia3", "moe", "poly", "hybrid"]
+    rank: int = Field(default=8, ge=0)
+    alpha: float = Field(default=16.0, gt=0)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    use_rslora: bool = False
+    use_lora: bool | None = None
+    use_ia3: bool | None = None
+    use_moe: bool | None = None
+    num_experts: int = Field(default=4, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    expert_rank: int | None = Field(default=None, gt=0)
+    router_aux_weight: float = Field(default=0.01, ge=0)
+    router_z_weight: float = Field(default=0.001, ge=0)
+    target_modules: list[str] | None = None
+    apply_lora_to: list[str] | None = None
+    bottleneck_size: int = Field(default=64, gt=0)
+    bottleneck_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "gelu"
+    bottleneck_dropout: float = Field(default=0.0, ge=0, lt=1)
+    bottleneck_gating: bool = False
+    share_across_layers: bool = False
+    rank_pattern: dict[str, int] = {}
+    layers_to_skip: list[int] = []
+    freeze_base: bool = True
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> AdapterNode:
+        if self.name == "none":
+            return self
+        implied = _ADAPTER_PARTS[self.name]
+        lora, ia3, moe = (i if v is None else v for i, v in zip(implied, (self.use_lora, self.use_ia3, self.use_moe)))
+        if lora and self.rank == 0:
+            raise ValueError(f"rank=0 with LoRA on (adapter={self.name}); use rank >= 1 or use_lora=false")
+        if self.name != "hybrid" and not (lora or ia3 or moe):
+            raise ValueError(f"adapter={self.name} with use_lora, use_ia3 and use_moe all false adds nothing")
+        if moe and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}")
+        if moe and self.expert_rank is None and self.rank == 0:
+            raise ValueError("experts need a rank: set expert_rank >= 1 (or rank >= 1)")
+        bad = {k: v for k, v in self.rank_pattern.items() if v <= 0}
+        if bad:
+            raise ValueError(f"rank_pattern ranks must be >= 1, got {bad}")
+        if any(i < 0 for i in self.layers_to_skip):
+            raise ValueError(f"layers_to_skip holds layer indices >= 0, got {self.layers_to_skip}")
+        if self.target_modules == []:
+            raise ValueError("target_modules=[] selects nothing; list module names/regexes or leave it null")
+        return self
+
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of athena.adapters.AdapterConfig (method = name)."""
+        kwargs = self.model_dump(exclude={"name"})
+        return {"method": self.name, **kwargs}
 
 
 class DataConfig(Strict):
@@ -108,6 +173,7 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(default=None, gt=0)
     precision: Literal["auto", "fp32", "bf16"]
     compile: bool
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
     ema_decay: float | None = Field(default=None, ge=0, lt=1)
     num_workers: int = Field(ge=0)
     log_every: int = Field(gt=0)
@@ -116,6 +182,10 @@ class TrainConfig(Strict):
     eval_batch_size: int = Field(gt=0)
     checkpoint_every: int | None = Field(default=None, gt=0)
     keep_checkpoints: int = Field(gt=0)
+    max_minutes: float | None = Field(default=None, gt=0)
+    # Under torchrun: ddp = replicated weights + one flat gradient all-reduce; fsdp = FSDP2 (fully_shard), the
+    # dense weights, gradients and optimizer state sharded over ranks. One process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
 
     @model_validator(mode="after")
     def _length_given_once(self) -> TrainConfig:
@@ -125,6 +195,9 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
             )
+        if self.parallel == "fsdp" and self.compile:
+            raise ValueError("train.compile=true is not supported with train.parallel=fsdp yet; "
+                             "use train.compile=false or train.parallel=ddp")
         return self
 
 
@@ -136,7 +209,7 @@ class RunConfig(Strict):
     data_root: str
     train: TrainConfig
     arch: TRMArch
-    adapter: NamedOnly
+    adapter: AdapterNode
     data: DataConfig
     optimizer: OptimizerConfig
     freezing: NamedOnly

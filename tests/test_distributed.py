@@ -18,8 +18,11 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from conftest import ROOT, run_script
+from athena.config import ConfigError, validate_config
+from conftest import CONF, ROOT, run_script
 
 # Exploration off: halting is then a deterministic function of the weights, the same in every layout.
 COMMON = ("experiment=smoke", "arch.halt_exploration_prob=0")
@@ -138,3 +141,111 @@ def test_batch_not_divisible_by_world_size_is_one_line(tmp_path, data_root):
                     data_root=data_root, check=False)
     assert proc.returncode != 0
     assert "error: train.global_batch_size 30 must be divisible by world_size 2" in proc.stderr
+
+
+# ----------------------------------------------------------------- train.parallel=fsdp (FSDP2, fully_shard)
+# The same smoke run with the dense weights, gradients, optimizer and EMA state sharded over the 2 processes. FSDP
+# reduce-scatters (sums) the gradients, which here is exactly the one-process accumulation; only the gradient norm is
+# taken over the shards and rounds differently (~1e-8 relative), so while clipping is active (the first ~10 smoke
+# steps) the weights drift apart by ~1e-6, and SignSGD can turn that into a full-lr sign flip of a puzzle row. The
+# strict comparison therefore runs without clipping (the norm is still computed and logged); the clipped path is
+# the resume tests' (clip 1.0).
+FSDP = (*COMMON, "train.grad_clip=null", "train.parallel=fsdp")
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, data_root):
+    """FSDP2 over 2 gloo processes, and 1 process with 2 accumulation steps (the same slots), both unclipped."""
+    dirs = {name: tmp_path_factory.mktemp(name) for name in ("fsdp", "fsdp_accum2")}
+    run_script("pretrain.py", *COMMON, "train.grad_clip=null", "train.grad_accum_steps=2",
+               f"hydra.run.dir={dirs['fsdp_accum2']}", data_root=data_root)
+    proc = torchrun(*FSDP, f"hydra.run.dir={dirs['fsdp']}", data_root=data_root)
+    return dirs, proc
+
+
+def test_fsdp_two_processes_equal_one_process_with_the_same_slots(fsdp_runs):
+    dirs, _ = fsdp_runs
+    run_dir = dirs["fsdp"]
+    assert "FSDP2: dense weights, gradients and optimizer state sharded over 2 processes" in \
+        (run_dir / "pretrain.log").read_text()
+    for step in ("step_10.pt", "last.pt"):
+        fsdp, accum = load(run_dir, step), load(dirs["fsdp_accum2"], step)
+        assert fsdp["model"]["puzzle_embedding.weight"].abs().sum() > 0  # the replicated sparse path was trained
+        # Full, unsharded tensors in the checkpoint: the layout of a one-process checkpoint.
+        for part in ("model", "ema"):
+            assert fsdp[part].keys() == accum[part].keys()
+            for name, tensor in accum[part].items():
+                assert type(fsdp[part][name]) is torch.Tensor
+                torch.testing.assert_close(fsdp[part][name], tensor, rtol=0, atol=1e-6, msg=f"{step} {part}.{name}")
+        for mine, theirs in zip(fsdp["optimizers"], accum["optimizers"], strict=True):
+            assert mine["param_groups"] == theirs["param_groups"] and mine["state"].keys() == theirs["state"].keys()
+            for i, state in theirs["state"].items():
+                for key, value in state.items():
+                    if torch.is_tensor(value):
+                        torch.testing.assert_close(mine["state"][i][key], value, rtol=0, atol=1e-6, msg=f"{i}.{key}")
+                    else:
+                        assert mine["state"][i][key] == value
+    for a, b in zip(train_rows(run_dir), train_rows(dirs["fsdp_accum2"]), strict=True):
+        for key in ("train/loss", "train/lm_loss", "train/grad_norm", "train/accuracy", "train/halted_per_step"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    # The sharded model's evals (EMA weights swapped into the shards, every rank its part of the split) equal
+    # one process's: the periodic one at step 10 and the final one.
+    evals = [[{k: v for k, v in r.items() if k != "time"} for r in
+              (json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()) if "eval/count" in r]
+             for d in (run_dir, dirs["fsdp_accum2"])]
+    assert [r["step"] for r in evals[0]] == [10, 20]
+    for mine, theirs in zip(*evals, strict=True):
+        assert mine == pytest.approx(theirs, abs=1e-6)
+
+
+def test_fsdp_final_eval_equals_evaluate_py_on_its_checkpoint(fsdp_runs, data_root):
+    run_dir = fsdp_runs[0]["fsdp"]
+    run_script("evaluate.py", f"checkpoint={run_dir}/checkpoints/last.pt", "eval.name=again", data_root=data_root)
+    final = json.loads((run_dir / "eval" / "final.json").read_text())
+    again = json.loads((run_dir / "eval" / "again.json").read_text())
+    for key in ("count", "exact_accuracy", "token_accuracy", "exact_accuracy_by_step", "halt_step_counts"):
+        assert again[key] == pytest.approx(final[key], abs=1e-6), key
+
+
+def test_fsdp_resume_with_two_processes_equals_uninterrupted(fsdp_runs, tmp_path, data_root):
+    run_dir = fsdp_runs[0]["fsdp"]
+    torchrun(*FSDP, "train.eval_every=null", f"hydra.run.dir={tmp_path}",
+             f"resume={run_dir}/checkpoints/step_10.pt", data_root=data_root)
+    uninterrupted, resumed = load(run_dir, "step_20.pt"), load(tmp_path, "step_20.pt")
+    for part in ("model", "ema"):
+        for name, tensor in uninterrupted[part].items():
+            assert torch.equal(tensor, resumed[part][name]), f"{part}.{name} differs after resume"
+    for mine, theirs in zip(resumed["optimizers"], uninterrupted["optimizers"], strict=True):
+        for i, state in theirs["state"].items():
+            for key, value in state.items():
+                theirs_value = mine["state"][i][key]
+                same = torch.equal(theirs_value, value) if torch.is_tensor(value) else theirs_value == value
+                assert same, f"optimizer state {i}.{key} differs after resume"
+
+
+def test_checkpoints_move_between_fsdp_ddp_and_one_process(runs, fsdp_runs, tmp_path, data_root):
+    dirs, _ = runs
+    run_dir = fsdp_runs[0]["fsdp"]
+    # An FSDP checkpoint in one process (train.parallel=fsdp there only warns).
+    proc = run_script("pretrain.py", *FSDP, "train.eval_every=null",
+                      f"hydra.run.dir={tmp_path / 'one'}", f"resume={run_dir}/checkpoints/step_10.pt",
+                      data_root=data_root)
+    output = proc.stdout + proc.stderr
+    assert "train.parallel=fsdp needs torchrun with more than one process; running as one process" in output
+    assert load(tmp_path / "one")["step"] == 20
+    # A ddp checkpoint (full replicated state) scattered into FSDP shards, with clipping: weights, Adam moments,
+    # EMA and the per-rank slots all continue, so the run ends where the ddp run itself ended (to the rounding of
+    # the sharded clip norm).
+    torchrun(*COMMON, "train.parallel=fsdp", "train.eval_every=null", f"hydra.run.dir={tmp_path / 'fsdp'}",
+             f"resume={dirs['ddp']}/checkpoints/step_10.pt", data_root=data_root)
+    ddp, fsdp = load(dirs["ddp"], "step_20.pt"), load(tmp_path / "fsdp", "step_20.pt")
+    for part in ("model", "ema"):
+        for name, tensor in ddp[part].items():
+            torch.testing.assert_close(fsdp[part][name], tensor, rtol=0, atol=1e-5, msg=f"{part}.{name}")
+
+
+def test_fsdp_with_compile_is_one_line_before_any_work():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["train.parallel=fsdp", "train.compile=true"])
+    with pytest.raises(ConfigError, match="train.compile=true is not supported with train.parallel=fsdp yet"):
+        validate_config(OmegaConf.to_container(cfg, resolve=True))

@@ -221,10 +221,12 @@ class TinyRecursiveModel(nn.Module):
         )
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        """(dense params for AdamAtan2, puzzle-embedding params for SignSGD)."""
-        sparse = list(self.puzzle_embedding.parameters()) if self.puzzle_embedding is not None else []
-        sparse_ids = {id(p) for p in sparse}
-        dense = [p for p in self.parameters() if id(p) not in sparse_ids]
+        """(dense params for AdamAtan2, puzzle-embedding params for SignSGD), trainable ones only (requires_grad):
+        with a frozen base (adapters) the optimisers, EMA and gradient sync see only what trains."""
+        table = list(self.puzzle_embedding.parameters()) if self.puzzle_embedding is not None else []
+        table_ids = {id(p) for p in table}
+        sparse = [p for p in table if p.requires_grad]
+        dense = [p for p in self.parameters() if id(p) not in table_ids and p.requires_grad]
         return dense, sparse
 
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:

@@ -144,7 +144,8 @@ def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Copy rank `src`'s parameters and buffers to every rank (one flat broadcast per dtype)."""
     if not is_initialized():
         return
-    tensors = list(module.parameters()) + list(module.buffers())
+    # FSDP-sharded (DTensor) parameters are left alone: every rank sharded the same full tensors.
+    tensors = [t for t in list(module.parameters()) + list(module.buffers()) if not is_dtensor(t)]
     for group in _by_dtype(tensors).values():
         flat = _flatten_dense_tensors([t.data for t in group])
         dist.broadcast(flat, src=src)
@@ -164,10 +165,11 @@ def sync_gradients(dense: list[torch.nn.Parameter], sparse: list[torch.nn.Parame
     """SUM gradients over ranks, in place. Call once per optimizer step, after the last backward.
 
     The loss of each micro-batch is divided by the GLOBAL batch size, so the global gradient is the SUM of the
-    ranks' gradients (not the mean DDP would take)."""
+    ranks' gradients (not the mean DDP would take). Under train.parallel=fsdp only the sparse rows are left to sync."""
     if not is_initialized():
         return
-    _sync_dense([p for p in dense if p.requires_grad])
+    # FSDP-sharded (DTensor) parameters had their gradients reduce-scattered (summed) by FSDP in backward.
+    _sync_dense([p for p in dense if p.requires_grad and not is_dtensor(p)])
     for p in sparse:
         if p.requires_grad:
             _sync_sparse(p)
@@ -229,3 +231,133 @@ def _sync_sparse(p: torch.nn.Parameter) -> None:
     merged_indices = torch.cat([i[:n] for i, n in zip(all_indices, counts)])
     merged_values = torch.cat([v[:n] for v, n in zip(all_values, counts)])
     p.grad = torch.sparse_coo_tensor(merged_indices[None], merged_values, p.shape, check_invariants=False)
+
+
+# ----------------------------------------------------------------- FSDP2 (train.parallel=fsdp)
+# Under FSDP the dense parameters are DTensors sharded on dim 0 over a 1-D mesh of all ranks; FSDP all-gathers them
+# before a block's forward and reduce-scatters their gradients in backward. The puzzle embedding (sparse gradient)
+# is left out of sharding: a plain, replicated tensor whose sparse rows sync_gradients still all-gathers. Every
+# helper below is a no-op (or the plain call) on a model that was not sharded, so the recipe calls them always.
+
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t: Any) -> bool:
+    return isinstance(t, _dtensor_type())
+
+
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: each block of `model.net.layers`, then the root (which takes the remaining dense params:
+    token embedding, lm_head, q_head). Gradients are SUMMED over ranks (divide factor 1, plain SUM collectives),
+    like sync_gradients does for the replicated path: each rank's loss is already divided by the global batch.
+
+    reshard_after_forward=False for the blocks: the TRM calls `net` H_cycles x (L_cycles + 1) times per forward,
+    most under no_grad; resharding after each call would all-gather every block again for every call. Kept
+    unsharded, a block is all-gathered once for the whole forward. In backward FSDP's post-backward runs once per
+    differentiated call (L_cycles + 1 of them): each reduce-scatters (sums) that call's gradient into the sharded
+    gradient and reshards, and the next one gathers again. Parameters (not gradients or optimizer state) are whole
+    from forward to backward: fine for models whose weights fit one GPU."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    # FSDP2 warns once that the root returns views (the carry's detached states, the logits slice); nothing
+    # applies an in-place op to them.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    layers = getattr(getattr(model, "net", None), "layers", None)
+    if layers is None:
+        raise AthenaError(f"train.parallel=fsdp shards the blocks of model.net.layers, which {type(model).__name__} "
+                          "does not have; use train.parallel=ddp")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    table = getattr(model, "puzzle_embedding", None)
+    ignored = set(table.parameters()) if table is not None else set()
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, ignored_params=ignored or None)
+    for module in fsdp_modules(model):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # SUM with no pre/post scaling (gloo has no PREMUL_SUM)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the unsharded parameters FSDP keeps after a forward without backward (eval): the next forward then
+    all-gathers the current shards (e.g. after the EMA weights were swapped in or out) instead of reusing them."""
+    for module in fsdp_modules(model):
+        module.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: call on every rank), else `t` itself."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every rank) laid out like `like`: this rank's shard of it if `like` is a DTensor."""
+    if not is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=like.device, dtype=like.dtype)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)  # local slice, no comms
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict (rank 0 gets it, offloaded to the CPU; other ranks an empty dict under FSDP)."""
+    if not fsdp_modules(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict (every rank passes the same one); FSDP keeps each rank's shard."""
+    if not fsdp_modules(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """optimizer.state_dict() with every DTensor state gathered whole (on the CPU): the same layout a replicated
+    run saves, so a checkpoint loads at any world size and in either parallel mode."""
+    state = optimizer.state_dict()
+    if not any(is_dtensor(v) for s in state["state"].values() for v in s.values()):
+        return state
+    gathered = {i: {k: full_tensor(v).cpu() if is_dtensor(v) else v for k, v in s.items()}
+                for i, s in state["state"].items()}
+    return {**state, "state": gathered}
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state; tensors of a sharded parameter's shape become that parameter's shard."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not any(is_dtensor(p) for p in params):
+        optimizer.load_state_dict(state)
+        return
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    by_id = dict(zip(ids, params))
+    converted = {}
+    for i, s in state["state"].items():
+        p = by_id.get(i)
+        converted[i] = {k: shard_like(v, p) if p is not None and is_dtensor(p) and torch.is_tensor(v)
+                        and v.shape == p.shape else v for k, v in s.items()}
+    optimizer.load_state_dict({**state, "state": converted})
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over (possibly sharded) gradients; returns the global norm as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return full_tensor(norm)

@@ -7,12 +7,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from athena.training.distributed import full_tensor, is_dtensor, shard_like
+
 
 class ModelEMA:
     """Keeps a float32 shadow of the chosen parameters: shadow = decay * shadow + (1 - decay) * param.
 
     The sparse puzzle embedding is left out (as in TRM): its rows move only when seen, so an
-    average over steps would mostly average stale rows.
+    average over steps would mostly average stale rows. Under FSDP (train.parallel=fsdp) the parameters and so the
+    shadow are DTensor shards: update and applied() work shard by shard, state_dict() gathers the full tensors.
     """
 
     def __init__(self, named_parameters: dict[str, nn.Parameter], decay: float):
@@ -41,11 +44,13 @@ class ModelEMA:
                     p.copy_(backup[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t.clone() for name, t in self.shadow.items()}
+        """Full tensors: under FSDP the shadow is sharded like the parameters and is gathered here (on the CPU;
+        a collective, so every rank calls it)."""
+        return {name: full_tensor(t).cpu() if is_dtensor(t) else t.clone() for name, t in self.shadow.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.shadow) ^ set(state)
         if missing:
             raise KeyError(f"EMA state does not match the model: {sorted(missing)[:3]}")
         for name, t in state.items():
-            self.shadow[name].copy_(t)
+            self.shadow[name].copy_(shard_like(t, self.shadow[name]))

@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from athena.config import RunConfig
+from athena.config import AdapterNode, ConfigError, RunConfig
 from athena.data.build import ensure_dataset
 from athena.data.format import PuzzleBatchSampler, PuzzleDataset
 from athena.errors import AthenaError
@@ -62,9 +62,9 @@ class TrainingStopped(AthenaError):
 class CompiledWithFallback:
     """torch.compile(module), falling back to eager with one warning if compilation fails."""
 
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, mode: str = "default"):
         self.module = module
-        self.compiled = torch.compile(module)
+        self.compiled = torch.compile(module, mode=None if mode == "default" else mode)
         self.failed = False
 
     def __call__(self, *args, **kwargs):
@@ -106,6 +106,32 @@ def build_model(cfg: RunConfig, metadata) -> torch.nn.Module:
                        num_puzzle_identifiers=metadata.num_puzzle_identifiers)
 
 
+def check_adapter_has_base(cfg: RunConfig, resuming: bool | None = None) -> None:
+    """A frozen base needs pretrained weights: stop (one line, before any data or compute) instead of training
+    adapters on a random network. Resuming an adapter run is fine without init_from (the checkpoint holds the
+    base); `resuming` None means "if resume is set" (resume=auto that finds nothing checks again, as False)."""
+    adapter = cfg.adapter
+    resuming = cfg.resume != "none" if resuming is None else resuming
+    if adapter.name != "none" and adapter.freeze_base and not cfg.init_from and not resuming:
+        raise ConfigError(
+            f"adapter={adapter.name} freezes the base but init_from is not set: adapters would train on a random "
+            "network; set init_from=<pretrained checkpoint> or adapter.freeze_base=false"
+        )
+
+
+def attach_adapter(model: torch.nn.Module, adapter: AdapterNode) -> torch.nn.Module:
+    """athena.adapters.add_adapters(model, AdapterConfig(method=adapter.name, ...)), in place; a no-op for `none`.
+    Call after the base weights are loaded (init_from) and before loading an adapter run's own state dict."""
+    if adapter.name == "none":
+        return model
+    from athena.adapters import AdapterConfig, AdapterConfigError, add_adapters
+
+    try:
+        return add_adapters(model, AdapterConfig(**adapter.adapter_kwargs()))
+    except AdapterConfigError as error:
+        raise ConfigError(f"adapter={adapter.name}: {error}") from None
+
+
 def carry_to_state(carry: SupervisionCarry | None) -> dict[str, Any] | None:
     return None if carry is None else {f.name: getattr(carry, f.name) for f in fields(carry)}
 
@@ -130,6 +156,7 @@ class PretrainRecipe:
         self.carries: list[SupervisionCarry | None] = [None] * cfg.train.grad_accum_steps
         self.wandb_run_id: str | None = None
         self._stop_requested = False
+        self.adapter_on = cfg.adapter.name != "none"
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -140,10 +167,12 @@ class PretrainRecipe:
             # Hydra's default run dir is a timestamp taken by each process: use rank 0's everywhere.
             self.run_dir = Path(distributed.broadcast_object(str(self.run_dir)))
             self.checkpoint_dir = self.run_dir / "checkpoints"
+        check_adapter_has_base(self.cfg)  # before any data build or compute
         torch.manual_seed(self.cfg.seed)  # the same on every rank: identical initial weights
         self.precision, self.autocast = autocast_for(self.device, self.cfg.train.precision)
         self._setup_data()
         self._setup_model()
+        self._maybe_shard()  # before the optimisers and the EMA: they must hold the (sharded) parameters
         self._setup_optimizers()
         self.ema = ModelEMA(self._ema_params(), self.cfg.train.ema_decay) if self.cfg.train.ema_decay else None
         if self.dist.enabled:
@@ -186,14 +215,24 @@ class PretrainRecipe:
         model = build_model(self.cfg, self.metadata)
         if self.cfg.init_from:
             self._load_init_weights(model, Path(self.cfg.init_from))
+        model = attach_adapter(model, self.cfg.adapter)  # after init_from: the checkpoint is a base (no adapter keys)
+        if self.adapter_on:
+            from athena.adapters import adapter_aux_loss
+
+            self._adapter_aux_loss = adapter_aux_loss  # router losses of the grad-enabled forwards since last call
         self.model = model.to(self.device)
         self.forward = self.model
         if self.cfg.train.compile:
-            self.forward = CompiledWithFallback(self.model)
-        dense, sparse = self.model.param_groups()
+            self.forward = CompiledWithFallback(self.model, self.cfg.train.compile_mode)
+        dense, sparse = self.model.param_groups()  # trainable parameters only
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in dense + sparse)
+        table = getattr(self.model, "puzzle_embedding", None)
         log.info("device %s (%s), model %s with %.2fM parameters (%.2fM in the puzzle embedding)",
-                 self.device, self.precision, type(model).__name__,
-                 sum(p.numel() for p in dense + sparse) / 1e6, sum(p.numel() for p in sparse) / 1e6)
+                 self.device, self.precision, type(model).__name__, total / 1e6,
+                 sum(p.numel() for p in table.parameters()) / 1e6 if table is not None else 0.0)
+        log.info("trainable parameters: %d of %d (%.3f%%), adapter=%s", trainable, total, 100 * trainable / max(total, 1),
+                 self.cfg.adapter.name)
 
     def _load_init_weights(self, model: torch.nn.Module, path: Path) -> None:
         state = load_checkpoint(path)
@@ -204,6 +243,21 @@ class PretrainRecipe:
         if unexpected or missing:
             raise CheckpointError(f"init_from={path} does not fit this arch: missing {missing[:3]}, unexpected {unexpected[:3]}")
         log.info("initialised weights from %s", path)
+
+    def _maybe_shard(self) -> None:
+        """train.parallel=fsdp under torchrun: FSDP2 over every rank (distributed.shard_model). One process: a
+        warning, then the plain single-process run (the checkpoints are the same either way)."""
+        if self.cfg.train.parallel != "fsdp":
+            return
+        if not self.dist.enabled:
+            log.warning("train.parallel=fsdp needs torchrun with more than one process; running as one process")
+            return
+        if self.cfg.adapter.name != "none":
+            raise AthenaError(f"adapter={self.cfg.adapter.name} is not supported with train.parallel=fsdp yet; "
+                              "use train.parallel=ddp")
+        distributed.shard_model(self.model, self.device)
+        log.info("FSDP2: dense weights, gradients and optimizer state sharded over %d processes; the puzzle "
+                 "embedding is replicated", self.dist.world_size)
 
     def _setup_optimizers(self) -> None:
         dense, sparse = self.model.param_groups()
@@ -247,9 +301,9 @@ class PretrainRecipe:
         exactly; any other world size restarts the slots with fresh carries (see _maybe_resume)."""
         carries = [carry_to_state(carry) for carry in self.carries]
         state = {
-            "model": self.model.state_dict(),
+            "model": distributed.model_state(self.model),  # full tensors, also under FSDP (rank 0 holds them)
             "ema": self.ema.state_dict() if self.ema else None,
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "optimizers": [distributed.optimizer_state(opt) for opt in self.optimizers],
             "step": self.step,
             "batches_consumed": self.batches_consumed,
             "carries": carries,
@@ -284,21 +338,22 @@ class PretrainRecipe:
         if resume == "auto":
             path = find_resume_checkpoint(self.checkpoint_dir)
             if path is None:
+                check_adapter_has_base(self.cfg, resuming=False)
                 log.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_dir)
                 return
         else:
             path = Path(resume)
         state = load_checkpoint(path)
         if state["format"] == "weights-only":
-            self.model.load_state_dict(state["model"])
+            distributed.load_model_state(self.model, state["model"])
             log.warning("%s holds weights only: optimizer, EMA and data position start fresh", path)
             return
         self._check_config_matches(state.get("config") or {}, path)
-        self.model.load_state_dict(state["model"])
+        distributed.load_model_state(self.model, state["model"])  # full state in, each rank's shard under FSDP
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
+            distributed.load_optimizer_state(opt, opt_state)
         self.step = state["step"]
         self.batches_consumed = state["batches_consumed"]
         self.wandb_run_id = state.get("wandb_run_id")
@@ -355,7 +410,16 @@ class PretrainRecipe:
             carry = self.carries[i] or self.model.initial_carry(part)
             with self.autocast():
                 self.carries[i], out = self.forward(carry, part)
-            (out.loss / t.global_batch_size).backward()
+            loss = out.loss
+            if self.adapter_on:
+                # Router losses are means over tokens; our loss is a SUM over samples (divided by the global batch
+                # size below), so weigh the micro-batch's router loss by its sample count.
+                router = self._adapter_aux_loss(self.model)
+                if router is not None:
+                    router = router.float() * part["inputs"].shape[0]
+                    loss = loss + router
+                    sums["router_loss"] = sums.get("router_loss", 0) + router.detach().double()
+            (loss / t.global_batch_size).backward()
             for key, value in out.metrics.items():
                 sums[key] = sums.get(key, 0) + value.detach().double()
             sums["loss"] = sums.get("loss", 0) + out.loss.detach().double()
@@ -363,7 +427,7 @@ class PretrainRecipe:
         # gradient of the global batch (a no-op in one process). After it every rank clips the same gradient.
         distributed.sync_gradients(self.dense_params, self.sparse_params)
         max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.dense_params, max_norm)
+        grad_norm = distributed.clip_grad_norm(self.dense_params, max_norm)  # also over FSDP's sharded grads
         for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -389,6 +453,8 @@ class PretrainRecipe:
         out = {f"train/{k}": values[k] / count for k in
                ("lm_loss", "q_halt_loss", "accuracy", "exact_accuracy", "q_halt_accuracy", "steps") if k in values}
         out["train/loss"] = values["loss"] / (n_steps * self.cfg.train.global_batch_size)
+        if "router_loss" in values:
+            out["train/router_loss"] = values["router_loss"] / (n_steps * self.cfg.train.global_batch_size)
         out["train/grad_norm"] = values["grad_norm"] / n_steps
         out["train/lr"] = values["lr"] / n_steps
         out["train/halted_per_step"] = values.get("count", 0.0) / n_steps
@@ -410,6 +476,7 @@ class PretrainRecipe:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2.0,
                    disable=not self.is_main)
         batches = iter(self.train_loader)
+        deadline = time.perf_counter() + 60 * t.max_minutes if t.max_minutes else math.inf
         try:
             while self.step < self.total_steps:
                 batch = next(batches)
@@ -446,6 +513,13 @@ class PretrainRecipe:
                 if stop:
                     raise TrainingStopped(f"stopped by a signal at step {self.step}; checkpoint saved to {path}; "
                                           f"continue with resume=auto hydra.run.dir={self.run_dir}")
+                out_of_time = time.perf_counter() > deadline
+                if self.dist.enabled and t.max_minutes:  # rank 0's clock decides, at log steps
+                    out_of_time = at_log_step and distributed.broadcast_object(out_of_time)
+                if out_of_time:
+                    log.info("train.max_minutes=%s reached at step %d: stopping training", t.max_minutes, self.step)
+                    self.total_steps = self.step
+                    break
         finally:
             bar.close()
             for s, handler in previous.items():
@@ -464,10 +538,16 @@ class PretrainRecipe:
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, max_examples: int | None, progress: bool = False) -> PuzzleEvalResult:
         ema = self.ema.applied() if self.ema else nullcontext()
-        with ema:
-            return evaluate_puzzles(self.forward, self.eval_loader(max_examples), self.device,
-                                    halt_max_steps=self.cfg.arch.halt_max_steps, autocast=self.autocast,
-                                    progress=progress)
+        # FSDP keeps the weights it gathered for a forward without backward: drop them around eval, so eval
+        # gathers the EMA weights and the next training step the trained ones (a no-op without FSDP).
+        distributed.reshard(self.model)
+        try:
+            with ema:
+                return evaluate_puzzles(self.forward, self.eval_loader(max_examples), self.device,
+                                        halt_max_steps=self.cfg.arch.halt_max_steps, autocast=self.autocast,
+                                        progress=progress)
+        finally:
+            distributed.reshard(self.model)
 
     def finish(self) -> PuzzleEvalResult:
         """Full test split with the EMA weights; eval/final.json, plots, and a last checkpoint."""
@@ -482,6 +562,12 @@ class PretrainRecipe:
         eval_dir = self.run_dir / "eval"
         eval_dir.mkdir(parents=True, exist_ok=True)
         (eval_dir / "final.json").write_text(json.dumps({"step": self.step, **result.summary()}, indent=2))
+        if self.adapter_on:  # the adapter alone, with the weights just evaluated (EMA when on)
+            from athena.adapters import save_adapter
+
+            with self.ema.applied() if self.ema else nullcontext():
+                save_adapter(self.model, self.run_dir / "adapter")
+            log.info("saved the adapter to %s", self.run_dir / "adapter")
         images = {"eval/accuracy_by_step": plot_accuracy_by_step(
             result.exact_accuracy_by_step, result.halt_step_counts, eval_dir / "accuracy_by_step.png",
             title=f"{self.cfg.data.name}, step {self.step}")}
