@@ -30,6 +30,7 @@ ALIASES = {
     "sudoku_extreme": "athena.data.sudoku.build_sudoku_extreme",
     "maze": "athena.data.maze.build_maze",
     "arc": "athena.data.arc.build_arc",
+    "synthetic": "athena.data.synthetic.build_synthetic",
 }
 
 

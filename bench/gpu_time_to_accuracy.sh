@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# bench/time_to_accuracy.py on the GPU as ONE continuous run that outlives a single 10-minute device command:
+#   bash bench/gpu_time_to_accuracy.sh start [MINUTES]   launch it detached (setsid), then follow it for 9 min
+#   bash bench/gpu_time_to_accuracy.sh follow            follow it until it ends (or 9 min), in the next command
+# Each call copies what exists so far (tta.json, tta.png, metrics.jsonl, the log's tail) to $OUT.
+set -uo pipefail
+OUT=${OUT:-bench/results/tta}
+RUN=outputs/tta_bench
+mkdir -p "$RUN" "$OUT"
+export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
+if [ "${1:-follow}" = start ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/device.txt"
+  setsid nohup python3 bench/time_to_accuracy.py --minutes "${2:-20}" --out "$RUN/out" --run-dir "$RUN/run" \
+    > "$RUN/log.txt" 2>&1 < /dev/null &
+  sleep 5
+fi
+end=$((SECONDS + 540))
+while [ $SECONDS -lt $end ] && pgrep -f bench/time_to_accuracy.py > /dev/null; do
+  sleep 15
+  tr '\r' '\n' < "$RUN/log.txt" | grep -v "it/s\]" | tail -n 40 > "$OUT/log_tail.txt"
+done
+tr '\r' '\n' < "$RUN/log.txt" | grep -v "it/s\]" | tail -n 60 > "$OUT/log_tail.txt"
+cp "$RUN/device.txt" "$OUT/" 2>/dev/null
+cp "$RUN"/out/* "$OUT/" 2>/dev/null
+cp "$RUN/run/metrics.jsonl" "$OUT/" 2>/dev/null
+if pgrep -f bench/time_to_accuracy.py > /dev/null; then echo "still running"; else echo "finished"; fi
+tail -n 5 "$OUT/log_tail.txt"

@@ -1,0 +1,113 @@
+"""Time to accuracy: the paper's Sudoku recipe on our generated hard 9x9 set for a fixed wall-clock budget.
+
+    python bench/time_to_accuracy.py --minutes 20 --out bench/results/tta
+
+One continuous `pretrain.py experiment=sudoku_extreme_1k` run (TRM-MLP, batch 768, bf16, compiled) stopped by
+`train.max_minutes`; it evaluates exact accuracy on a fixed subsample of the test split every --eval-every steps
+(evaluation time counts against the budget) and on the whole test split at the end. The clock starts when
+pretrain.py is launched (start-up and compilation included); building the dataset happens before and is timed
+separately. Writes tta.json (accuracy over minutes), tta.png and the run's metrics.jsonl under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def composed(overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def curve(metrics: Path, start: float) -> list[dict]:
+    """[{minutes, step, exact, token, n, final}] for every eval record of a metrics.jsonl."""
+    points = []
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "eval/exact_accuracy" in row:
+            points.append(dict(minutes=round((row["time"] - start) / 60, 2), step=row["step"],
+                               exact=row["eval/exact_accuracy"], token=row["eval/token_accuracy"],
+                               n=row.get("eval/count")))
+    if points:
+        points[-1]["final"] = True  # the full-test-split eval after the budget
+    return points
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["minutes"] for p in points], [100 * p["exact"] for p in points], "o-", label="exact (puzzle solved)")
+    ax.plot([p["minutes"] for p in points], [100 * p["token"] for p in points], "s--", label="token (cell right)")
+    ax.set_xlabel("wall-clock minutes since launch (start-up, compilation and evals included)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget (train.max_minutes)")
+    parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--eval-examples", type=int, default=1000)
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs/time_to_accuracy")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tta")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. arch=athena_trm)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    overrides = ["experiment=sudoku_extreme_1k", "train.epochs=null", "train.steps=1000000",
+                 f"train.max_minutes={args.minutes}", f"train.eval_every={args.eval_every}",
+                 f"train.eval_examples={args.eval_examples}", "train.checkpoint_every=null", *args.overrides]
+
+    from athena.config import validate_config
+    from athena.data.build import ensure_dataset
+    from athena.training.recipe import dataset_dir
+
+    cfg = validate_config(composed(overrides))
+    build_start = time.time()
+    ensure_dataset(dataset_dir(cfg), dict(cfg.data.build))
+    build_s = time.time() - build_start
+
+    start = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "pretrain.py"), *overrides, f"hydra.run.dir={args.run_dir}"],
+                          cwd=ROOT, env=env)
+    total_s = time.time() - start
+    metrics = args.run_dir / "metrics.jsonl"
+    points = curve(metrics, start) if metrics.is_file() else []
+    summary = dict(overrides=overrides, returncode=proc.returncode, data_build_s=round(build_s, 1),
+                   wall_clock_s=round(total_s, 1), curve=points)
+    (args.out / "tta.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if metrics.is_file():
+        (args.out / "metrics.jsonl").write_text(metrics.read_text())
+    if points:
+        final = points[-1]
+        plot(points, args.out / "tta.png", f"{cfg.arch.mixer} TRM, {cfg.data.name}: {100 * final['exact']:.1f}% exact "
+             f"after {final['minutes']:.1f} min (n={final['n']})")
+        print(f"[tta] {json.dumps(final)}; data build {build_s:.0f} s; wall clock {total_s / 60:.1f} min")
+    sys.exit(proc.returncode)
+
+
+if __name__ == "__main__":
+    main()
