@@ -45,7 +45,8 @@ def curve(metrics: Path, start: float) -> list[dict]:
     return points
 
 
-def plot(points: list[dict], path: Path, title: str) -> None:
+def plot(points: list[dict], path: Path, title: str,
+         xlabel: str = "wall-clock minutes since launch (start-up, compilation and evals included)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +55,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p["minutes"] for p in points], [100 * p["exact"] for p in points], "o-", label="exact (puzzle solved)")
     ax.plot([p["minutes"] for p in points], [100 * p["token"] for p in points], "s--", label="token (cell right)")
-    ax.set_xlabel("wall-clock minutes since launch (start-up, compilation and evals included)")
+    ax.set_xlabel(xlabel, fontsize=9)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
@@ -72,9 +73,23 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs/time_to_accuracy")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tta")
+    parser.add_argument("--replot", type=Path, default=None, metavar="METRICS_JSONL",
+                        help="only redraw tta.json/tta.png from a run's metrics.jsonl, timed from its first record "
+                             "(for a run whose launcher was cut off before it wrote tta.json)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. arch=athena_trm)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        rows = [json.loads(line) for line in args.replot.read_text().splitlines() if line.strip()]
+        points = curve(args.replot, rows[0]["time"])
+        points[-1].pop("final", None)  # a cut-off run has no full-split eval at the end
+        (args.out / "tta.json").write_text(json.dumps(dict(clock=f"minutes since the first training log (step "
+                                                           f"{rows[0]['step']})", curve=points), indent=1) + "\n")
+        best = max(points, key=lambda p: p["exact"])
+        plot(points, args.out / "tta.png", f"TRM-MLP, generated hard 9x9 Sudoku: {100 * best['exact']:.1f}% exact "
+             f"at {best['minutes']:.1f} min (n={best['n']})",
+             xlabel=f"wall-clock minutes since the first training log (step {rows[0]['step']}), evals included")
+        return
 
     overrides = ["experiment=sudoku_extreme_1k", "train.epochs=null", "train.steps=1000000",
                  f"train.max_minutes={args.minutes}", f"train.eval_every={args.eval_every}",
