@@ -33,9 +33,13 @@ def test_each_adapter_option_composes_validates_and_builds_an_adapter_config(met
 
     node = validate_config(composed(f"adapter={method}", "init_from=/some/base.pt")).adapter
     assert node.name == method and node.freeze_base
-    # Every knob of conf/adapter/<method>.yaml is an AdapterConfig field, and AdapterConfig accepts the values.
+    # Every knob of conf/adapter/<method>.yaml is an AdapterConfig field, each method exposes the knobs of the
+    # parts it uses (conf/adapter_parts), and AdapterConfig accepts the values.
     yaml_keys = set(composed(f"adapter={method}")["adapter"]) - {"name"}
-    assert yaml_keys == {f.name for f in dataclasses.fields(AdapterConfig)} - {"method"}
+    assert yaml_keys <= {f.name for f in dataclasses.fields(AdapterConfig)} - {"method"}
+    uses = {"lora": {"rank", "alpha"}, "ia3": set(), "moe": {"rank", "num_experts", "top_k", "router_aux_weight"},
+            "poly": {"rank", "num_experts", "top_k"}, "hybrid": {"rank", "bottleneck_size", "apply_lora_to"}}[method]
+    assert uses | {"target_modules", "rank_pattern", "layers_to_skip", "freeze_base", "use_lora"} <= yaml_keys
     config = AdapterConfig(**node.adapter_kwargs())
     assert config.method == method
 
