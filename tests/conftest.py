@@ -13,6 +13,17 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast and does not stall when other processes load the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """One dataset cache for the whole session (datasets are keyed by their build spec)."""

@@ -18,12 +18,7 @@ from athena.models.trm import TinyRecursiveModel
 VOCAB, SEQ, NUM_IDS = 6, 16, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def tiny_trm(**overrides) -> TinyRecursiveModel:

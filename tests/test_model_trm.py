@@ -9,13 +9,7 @@ from athena.models.layers import swiglu_intermediate_size
 VOCAB, SEQ, NUM_IDS = 6, 16, 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast and does not stall when other processes load the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def small_model(**overrides) -> TinyRecursiveModel:
