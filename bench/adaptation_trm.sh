@@ -10,7 +10,8 @@
 #   bash bench/adaptation_trm.sh summary               # table + plot from what is in $OUT
 #   TOY=1 bash bench/adaptation_trm.sh                 # CPU plumbing check at toy size (seconds)
 #
-# Knobs (env): OUT (default bench/results), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), BASE (the base
+# Knobs (env): OUT (default bench/results), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), PACK (1: one tarball of
+# the runs, for the device tool's 8-file limit), BASE (the base
 # checkpoint; default outputs/adapt_base/checkpoints/last.pt). Phase 1 also writes the base's EMA weights alone
 # to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
 # pass BASE=<that file> (init_from takes a bare state dict); `summary` then needs every
@@ -110,3 +111,8 @@ case "$MODE" in
   summary) summary ;;
   *) echo "usage: $0 [all|pretrain|adapt METHOD...|summary]"; exit 2 ;;
 esac
+# The device tool returns at most 8 files (16 MB each) per call: PACK=1 folds $OUT/adaptation_runs into one
+# tarball (on 2026-11-22 poly's record was lost to that limit). The base weights file (~27 MB) never fits.
+if [ "${PACK:-0}" = 1 ] && [ -d "$OUT/adaptation_runs" ]; then
+  tar -czf "$OUT/adaptation_runs.tgz" -C "$OUT" adaptation_runs && rm -rf "$OUT/adaptation_runs" "$OUT/adaptation_base_weights.pt"
+fi

@@ -3,6 +3,8 @@
 #   bash bench/gpu_time_to_accuracy.sh start [MINUTES]   launch it detached (setsid), then follow it for 9 min
 #   bash bench/gpu_time_to_accuracy.sh follow            follow it until it ends (or 9 min), in the next command
 # Each call copies what exists so far (tta.json, tta.png, metrics.jsonl, the log's tail) to $OUT.
+# Start it on a FRESH device machine: a machine goes back 30 minutes after it was started, whatever runs on it
+# (on 2026-11-22 a warm machine was reused and the run was cut at 20 min, before its final eval).
 set -uo pipefail
 OUT=${OUT:-bench/results/tta}
 RUN=outputs/tta_bench
