@@ -498,3 +498,41 @@ def test_cuda_bf16_autocast_and_int8_base(method):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             q = trm_logits(model, batch).float().cpu()
     assert torch.isfinite(q).all() and (q - ref).norm() / ref.norm() < 0.1
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops a forward runs, views and metadata left out: on a GPU each one is a kernel launch."""
+
+    VIEWS = {"view", "_unsafe_view", "reshape", "t", "transpose", "expand", "permute", "unsqueeze", "squeeze",
+             "detach", "alias", "slice", "select", "as_strided"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.VIEWS:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _extra_ops(layer: PolyAdapter, x: torch.Tensor) -> list[str]:
+    with torch.no_grad(), _CountOps() as wrapped:
+        layer(x)
+    with torch.no_grad(), _CountOps() as base:
+        layer.base_layer(x)
+    assert wrapped.ops[: len(base.ops)] == base.ops
+    return wrapped.ops[len(base.ops):]
+
+
+def test_adapter_forward_adds_few_kernels():
+    """Rank-8 adapters are launch-bound, not FLOP-bound: LoRA must cost exactly two extra kernels (x A^T, then one
+    addmm folding s (x A^T) B^T into the base output), IA3 one, and the routed experts a fixed handful
+    (router, top-k, gates, one down- and one up-projection), however many experts there are."""
+    x = torch.randn(2, 5, 16)
+    assert _extra_ops(PolyAdapter(nn.Linear(16, 32), rank=4), x) == ["mm", "addmm"]
+    assert _extra_ops(PolyAdapter(nn.Linear(16, 32), use_lora=False, use_ia3=True), x) == ["mul"]
+    for experts in (4, 16):
+        ops = _extra_ops(PolyAdapter(nn.Linear(16, 32), use_lora=False, use_moe=True, num_experts=experts), x)
+        assert len(ops) <= 9 and ops.count("mm") == 2 and ops[-1] == "addmm", ops

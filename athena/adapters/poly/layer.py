@@ -134,30 +134,34 @@ class PolyAdapter(nn.Module):
                                    self.lora_B.weight.to(result.dtype).t(), alpha=self.scaling)
                 result = flat.view(result.shape)
             if moe:
-                result = result + self._experts(xa).to(result.dtype)
+                result = self._add_experts(xa, result)
         return result
 
     def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x2 (N, in) -> gates (N, E) float32 (zero outside each token's top-k), router logits (N, E), top-k ids (N, k)."""
         logits = F.linear(x2, self.router.weight).float()
-        probs = logits.softmax(-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        if self.top_k > 1:  # renormalise over the chosen experts; with k=1 keep the raw prob (Switch) so the
-            top_p = top_p / top_p.sum(-1, keepdim=True)  # router still gets a gradient from the task loss
-        gates = torch.zeros_like(probs).scatter(1, top_i, top_p)
+        if self.top_k > 1:
+            # The softmax renormalised over the chosen experts IS the softmax of their logits: no full softmax.
+            top_logits, top_i = logits.topk(self.top_k, dim=-1)
+            top_p = top_logits.softmax(-1)
+        else:  # k=1 keeps the raw probability (Switch), so the router still gets a gradient from the task loss
+            top_p, top_i = logits.softmax(-1).topk(1, dim=-1)
+        gates = torch.zeros_like(logits).scatter(1, top_i, top_p)
         return gates, logits, top_i
 
-    def _experts(self, x: torch.Tensor) -> torch.Tensor:
+    def _add_experts(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """result + the gated sum of the chosen experts' B_e A_e x, the sum added by one addmm."""
         E, r = self.num_experts, self.expert_rank
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         gates, logits, top_i = self.route(x2)
         h = F.linear(x2, self.expert_A).view(-1, E, r)  # (N, E, r): every expert's down-projection at once
         # Unselected experts -> exactly zero (value and gradient); the scaling rides along on the gates.
         h = h * (gates * self.expert_scaling).to(h.dtype).unsqueeze(-1)
-        out = F.linear(h.view(-1, E * r), self.expert_B)  # (N, out): the sum over the chosen experts
         if torch.is_grad_enabled():
             self._accumulate_aux(logits, top_i)
-        return out.view(*x.shape[:-1], self.out_features)
+        flat = torch.addmm(result.reshape(-1, self.out_features), h.view(-1, E * r).to(result.dtype),
+                           self.expert_B.to(result.dtype).t())  # + sum over the chosen experts of B_e (gated h_e)
+        return flat.view(result.shape)
 
     def _accumulate_aux(self, logits: torch.Tensor, top_i: torch.Tensor) -> None:
         E = self.num_experts
