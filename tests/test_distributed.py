@@ -136,6 +136,27 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_fresh_slots(runs, 
     assert state["step"] == 20 and state["world_size"] == 1 and len(state["carries"]) == 1
 
 
+def test_poly_adapter_under_two_processes_equals_one_process_with_the_same_slots(runs, tmp_path, data_root):
+    """Adapters under DDP: only trainable parameters are synced, and the router loss (a per-micro-batch mean,
+    like each rank's) gives the same update as one process whose micro-batches are the ranks' shards."""
+    dirs, _ = runs
+    base = f"init_from={dirs['single']}/checkpoints/last.pt"
+    adapted = (*COMMON, "adapter=poly", base, "train.steps=10", "train.eval_every=null", "train.checkpoint_every=null")
+    torchrun(*adapted, f"hydra.run.dir={tmp_path / 'ddp'}", data_root=data_root)
+    run_script("pretrain.py", *adapted, "train.grad_accum_steps=2", f"hydra.run.dir={tmp_path / 'accum2'}",
+               data_root=data_root)
+    ddp, accum = load(tmp_path / "ddp"), load(tmp_path / "accum2")
+    frozen = load(dirs["single"])["ema"]  # the EMA weights are the base that init_from loaded
+    assert any("expert_A" in name for name in ddp["model"])  # the poly adapter is really there
+    for name, tensor in accum["model"].items():
+        torch.testing.assert_close(ddp["model"][name], tensor, rtol=0, atol=1e-6, msg=name)
+        base_name = name.replace(".base_layer.", ".")
+        if base_name in frozen:  # frozen base: bit-identical to the pretrained weights on every rank
+            assert torch.equal(ddp["model"][name], frozen[base_name]), name
+    for a, b in zip(train_rows(tmp_path / "ddp"), train_rows(tmp_path / "accum2"), strict=True):
+        assert a["train/router_loss"] == pytest.approx(b["train/router_loss"], rel=1e-6), a["step"]
+
+
 def test_batch_not_divisible_by_world_size_is_one_line(tmp_path, data_root):
     proc = torchrun(*COMMON, "train.global_batch_size=30", "train.grad_accum_steps=2", f"hydra.run.dir={tmp_path}",
                     data_root=data_root, check=False)
