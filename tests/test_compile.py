@@ -21,13 +21,14 @@ def _model_and_batch():
     return model, batch
 
 
-def _two_steps(forward, model, batch):
+def _two_steps(forward, model, batch, aux_loss=None):
     carry = model.initial_carry(batch)
     losses, grads = [], []
     for _ in range(2):
         carry, out = forward(carry, batch)
-        out.loss.backward()
-        losses.append(out.loss.detach())
+        loss = out.loss if aux_loss is None else out.loss + aux_loss(model)
+        loss.backward()
+        losses.append(loss.detach())
         grads.append({n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
                       for n, p in model.named_parameters() if p.grad is not None})
         model.zero_grad(set_to_none=True)
@@ -45,6 +46,28 @@ def test_compiled_model_matches_eager():
         for name in step_eager:
             torch.testing.assert_close(step_eager[name], step_compiled[name], rtol=1e-3, atol=1e-5, msg=name)
     torch.testing.assert_close(eager[2].z_H, compiled[2].z_H, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_poly_adapter_model_matches_eager_router_loss_included():
+    """Adapters under torch.compile: LoRA + IA3 + routed experts on every block, router loss accumulated inside
+    the compiled forward; same loss and same gradients (adapter parameters only: the base is frozen)."""
+    from athena.adapters import AdapterConfig, adapter_aux_loss, add_adapters
+
+    model, batch = _model_and_batch()
+    add_adapters(model, AdapterConfig(method="poly", rank=4))
+    with torch.no_grad():  # non-zero deltas, so the adapters change the function
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "expert_B" in name:
+                p.normal_(0, 0.1)
+    eager = _two_steps(model, model, batch, adapter_aux_loss)
+    compiled = _two_steps(torch.compile(model), model, batch, adapter_aux_loss)
+    for a, b in zip(eager[0], compiled[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for step_eager, step_compiled in zip(eager[1], compiled[1]):
+        assert step_eager.keys() == step_compiled.keys() and any("router" in n for n in step_eager)
+        assert not any(".base_layer." in n for n in step_eager)  # the frozen base gets no gradient
+        for name in step_eager:
+            torch.testing.assert_close(step_eager[name], step_compiled[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_compile_failure_falls_back_to_eager(caplog):
