@@ -137,8 +137,10 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
     total = sum(p.numel() for p in model.parameters())
     common = dict(impl=impl, method=method, device=args.device_name, model=args.model_name, rank=args.rank,
                   batch=args.batch, seq=args.seq, dtype=str(dtype).removeprefix("torch."),
-                  trainable_params=trainable, total_params=total, base_params=total_base)
+                  trainable_params=trainable, total_params=total, base_params=total_base, compiled=args.compile)
     records = []
+    # --compile: torch.compile fuses each wrapper's few small kernels, the launch overhead the eager numbers show.
+    run = torch.compile(model) if args.compile else model
 
     # --- train step
     model.train()
@@ -146,7 +148,7 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
     def train_step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = run(input_ids=ids, labels=ids, use_cache=False).loss
         if aux_loss is not None:
             router = aux_loss(model)
             if router is not None:
@@ -166,9 +168,11 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
     model.eval()
 
     def time_prefill(mode: str, **extra) -> None:
+        forward = torch.compile(model) if args.compile else model  # `model` as bound now (merged or not)
+
         @torch.inference_mode()
         def prefill():
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)  # `model` as bound when called
+            forward(input_ids=ids, use_cache=False, logits_to_keep=1)
 
         reset_memory(device)
         times = timer(prefill, args.warmup, args.steps)
@@ -194,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=None, help="default 512 (tiny: 32)")
     parser.add_argument("--steps", type=int, default=None, help="timed repetitions, default 20 (tiny: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions first, default 5 (tiny: 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up untimed)")
     parser.add_argument("--only", default=None, help="comma list of impl:method, e.g. base:none,peft:lora,athena:moe")
     args = parser.parse_args()
     args.batch = args.batch or (2 if args.tiny else 4)
