@@ -35,3 +35,26 @@ def test_ema_tracks_reference_and_swaps_back():
     with ema.applied():
         assert torch.allclose(layer.weight, reference["weight"])
     assert torch.equal(layer.weight, raw)
+
+
+def test_data_loaders_leave_the_global_rng_alone(tmp_path, data_root):
+    """Halting exploration draws from the global torch RNG, which checkpoints save and restore. Creating a data
+    iterator must not draw from it (DataLoader does by default): a resumed run creates its iterator after the
+    restore, and periodic evals create theirs mid-run, which would shift the stream and break exact resume."""
+    from test_config import composed
+
+    from athena.config import validate_config
+    from athena.training.recipe import PretrainRecipe
+
+    config = composed("experiment=smoke", f"data_root={data_root}", "device=cpu")
+    recipe = PretrainRecipe(validate_config(config), tmp_path, config)
+    recipe.setup()
+    try:
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        next(iter(recipe.train_loader))
+        next(iter(recipe.eval_loader(max_examples=8)))
+        assert torch.equal(torch.rand(3), expected)
+    finally:
+        recipe.close()

@@ -284,13 +284,19 @@ class PretrainRecipe:
                                                 start_batch=self.batches_consumed)
         self.train_loader = DataLoader(self.train_set, sampler=self.train_sampler, batch_size=None,
                                        num_workers=t.num_workers, pin_memory=self.device.type == "cuda",
-                                       persistent_workers=t.num_workers > 0)
+                                       persistent_workers=t.num_workers > 0, generator=self._loader_generator())
 
     def eval_loader(self, max_examples: int | None) -> DataLoader:
         sampler = PuzzleBatchSampler(self.test_set, self.cfg.train.eval_batch_size, train=False, seed=self.cfg.seed,
                                      rank=self.dist.rank, world_size=self.dist.world_size, max_examples=max_examples)
         return DataLoader(self.test_set, sampler=sampler, batch_size=None, num_workers=0,
-                          pin_memory=self.device.type == "cuda")
+                          pin_memory=self.device.type == "cuda", generator=self._loader_generator())
+
+    def _loader_generator(self) -> torch.Generator:
+        """Each iter(DataLoader) draws a worker seed from its generator, by default the GLOBAL one, which also
+        drives halting exploration: a resumed run (which creates its iterator after restoring the RNG) or a
+        periodic eval would then shift that stream. A private generator keeps training's stream untouched."""
+        return torch.Generator().manual_seed(self.cfg.seed + self.dist.rank)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
