@@ -137,6 +137,15 @@ def _check_variant(variant: str) -> None:
 # Official TRM
 # --------------------------------------------------------------------------------------------------------------
 
+
+def _random_batch(names: tuple[str, str], dtype: torch.dtype, vocab_size: int, seq_len: int, batch_size: int,
+                  num_puzzle_identifiers: int, seed: int, dev) -> dict[str, torch.Tensor]:
+    """Random (input, label) tokens in [1, vocab) and puzzle ids, under each codebase's own key names and dtype."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    tokens = {name: torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen, dtype=dtype) for name in names}
+    ids = torch.randint(0, num_puzzle_identifiers, (batch_size,), generator=gen, dtype=dtype)
+    return {k: v.to(dev) for k, v in {**tokens, "puzzle_identifiers": ids}.items()}
+
 def build_official_step(ref_dir: str, variant: str, seq_len: int, vocab_size: int, batch_size: int,
                         num_puzzle_identifiers: int, device: str, compile: bool, bf16: bool = True,
                         hidden_size: int = 512, num_heads: int = 8, H_cycles: int = 3, L_cycles: int = 6,
@@ -195,14 +204,8 @@ def build_official_step(ref_dir: str, variant: str, seq_len: int, vocab_size: in
     optimizer_lrs = [_PUZZLE_EMB_LR, _LR]
 
     # Synthetic batch shaped like the official dataset's (int32; puzzle id 0 is its "<blank>").
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    batch = {
-        "inputs": torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen, dtype=torch.int32),
-        "labels": torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen, dtype=torch.int32),
-        "puzzle_identifiers": torch.randint(0, num_puzzle_identifiers, (batch_size,), generator=gen,
-                                            dtype=torch.int32),
-    }
-    batch = {k: v.to(dev) for k, v in batch.items()}
+    batch = _random_batch(("inputs", "labels"), torch.int32, vocab_size, seq_len, batch_size,
+                          num_puzzle_identifiers, seed, dev)
     with torch.device(dev):  # as train_batch does for the first batch
         carry = model.initial_carry(batch)
 
@@ -322,14 +325,8 @@ def build_nano_trm_step(ref_dir: str, variant: str, seq_len: int, vocab_size: in
         module.inner_forward = torch.compile(module.inner_forward, mode="reduce-overhead", fullgraph=False)
 
     # Synthetic batch shaped like its datamodules' (int64 after collate; Sudoku puzzle id 0).
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    batch = {
-        "input": torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen, dtype=torch.long),
-        "output": torch.randint(1, vocab_size, (batch_size, seq_len), generator=gen, dtype=torch.long),
-        "puzzle_identifiers": torch.randint(0, num_puzzle_identifiers, (batch_size,), generator=gen,
-                                            dtype=torch.long),
-    }
-    batch = {k: v.to(dev) for k, v in batch.items()}
+    batch = _random_batch(("input", "output"), torch.long, vocab_size, seq_len, batch_size,
+                          num_puzzle_identifiers, seed, dev)
     module.carry = module.initial_carry(batch)  # training_step does this on its first batch
 
     shadow = None
