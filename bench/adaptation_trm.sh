@@ -9,10 +9,15 @@
 #   bash bench/adaptation_trm.sh adapt moe poly hybrid
 #   bash bench/adaptation_trm.sh summary               # table + plot from what is in $OUT
 #   TOY=1 bash bench/adaptation_trm.sh                 # CPU plumbing check at toy size (seconds)
+#   ARCH=athena_trm_mlp BASE_WEIGHTS=w.pt IMPORT_OVERRIDES="experiment=sudoku_extreme_1k ..." \
+#     bash bench/adaptation_trm.sh import   # phase 1 from trained weights instead: wrap them as the base
+#                                           # checkpoint and evaluate it zero-shot on Sudoku-X
 #
-# Knobs (env): OUT (default bench/results), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), PACK (1: one tarball of
-# the runs, for the device tool's 8-file limit), BASE (the base
-# checkpoint; default outputs/adapt_base/checkpoints/last.pt). Phase 1 also writes the base's EMA weights alone
+# Knobs (env): OUT (default bench/results), ARCH (athena_trm; athena_trm_mlp for the TRM-MLP base of
+# bench/time_to_accuracy.py), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), FULL_LR (3e-4, full fine-tuning),
+# ADAPTER_LR (3e-3), PACK (1: one tarball of the runs, for the device tool's 8-file limit), BASE (the base
+# checkpoint; default outputs/adapt_base/checkpoints/last.pt), BASE_WEIGHTS (import: a bare state dict),
+# IMPORT_OVERRIDES (import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config). Phase 1 also writes the base's EMA weights alone
 # to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
 # pass BASE=<that file> (init_from takes a bare state dict); `summary` then needs every
 # $OUT/adaptation_runs/<method>.json (incl. base_zero_shot.json from phase 1) in one $OUT.
@@ -30,13 +35,14 @@ mkdir -p "$OUT/adaptation_runs"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 BASE_DIR=outputs/adapt_base
 BASE=${BASE:-$BASE_DIR/checkpoints/last.pt}
+ARCH=${ARCH:-athena_trm}
 
 if [ "${TOY:-0}" = 1 ]; then
   # A 32-wide TRM on 16 generated 9x9 puzzles per split: proves the plumbing on a CPU, learns nothing useful.
   PRETRAIN_STEPS=${PRETRAIN_STEPS:-4}
   ADAPT_STEPS=${ADAPT_STEPS:-4}
   DATA_TOY=(data.build.num_train=16 data.build.num_aug=1 data.build.num_test=16 data.build.min_difficulty=0)
-  COMMON=(arch=athena_trm arch.hidden_size=32 arch.num_heads=2 arch.H_cycles=1 arch.L_cycles=1
+  COMMON=(arch="$ARCH" arch.hidden_size=32 arch.num_heads=2 arch.H_cycles=1 arch.L_cycles=1
           arch.halt_max_steps=2 arch.puzzle_emb_len=2 device=cpu train.global_batch_size=16
           train.eval_batch_size=32 train.log_every=2 train.lr_warmup_steps=1 train.eval_every=null
           train.checkpoint_every=null train.num_workers=0 train.compile=false train.ema_decay=0.9 "${DATA_TOY[@]}")
@@ -48,7 +54,7 @@ else
   DATA_TOY=()
   # The paper's Sudoku setting (batch 768, bf16, weight decay 1.0) at TRM-Att size, shortened: a higher lr with
   # a short warm-up and EMA 0.99 (0.999 lags ~1000 steps behind, too long for these budgets).
-  COMMON=(experiment=sudoku_extreme_1k arch=athena_trm train.epochs=null train.eval_every=null
+  COMMON=(experiment=sudoku_extreme_1k arch="$ARCH" train.epochs=null train.eval_every=null
           train.checkpoint_every=null train.log_every=50 train.ema_decay=0.99)
   PRETRAIN_EXTRA=(train.lr=3e-4 train.lr_warmup_steps=200 train.compile=true)
   # Eager for every adaptation run, so step times compare like with like (and no compile time in the budget).
@@ -61,7 +67,25 @@ fi
 
 # Learning rate per method: full fine-tuning continues at the pretraining lr; adapters (few parameters, zero
 # or identity init) take 10x, as is usual for LoRA-style methods.
-lr_for() { case "$1" in full) echo 3e-4 ;; *) echo 3e-3 ;; esac; }
+lr_for() { case "$1" in full) echo "${FULL_LR:-3e-4}" ;; *) echo "${ADAPTER_LR:-3e-3}" ;; esac; }
+
+zero_shot() {  # the reference row: the base on Sudoku-X without any training
+  $PY evaluate.py checkpoint="$BASE" data=sudoku_x "${DATA_TOY[@]}" eval.name=zero_shot_sudoku_x \
+    eval.output_dir="$OUT/adaptation_runs" eval.batch_size=512 2>&1 | grep -v "it/s\]" | tail -n 3
+  # evaluate.py's data= keeps the default build unless overridden; its result goes to $OUT/adaptation_runs.
+  $PY bench/summarise_adaptation.py collect-eval base_zero_shot "$OUT/adaptation_runs/zero_shot_sudoku_x.json" \
+    > "$OUT/adaptation_runs/base_zero_shot.json"
+}
+
+import_base() {  # BASE_WEIGHTS (a bare state dict) -> the base checkpoint, its config composed from
+  # IMPORT_OVERRIDES: the overrides of the run that trained the weights (default: phase 1's recipe at ARCH)
+  local overrides=("${COMMON[@]}" data=sudoku train.steps="$PRETRAIN_STEPS" "${PRETRAIN_EXTRA[@]}")
+  [ -n "${IMPORT_OVERRIDES:-}" ] && read -r -a overrides <<< "$IMPORT_OVERRIDES"
+  mkdir -p "$(dirname "$BASE")"
+  $PY bench/summarise_adaptation.py wrap-weights "${BASE_WEIGHTS:?set BASE_WEIGHTS=<state dict file>}" "$BASE" \
+    "${overrides[@]}" || exit 1
+  zero_shot
+}
 
 pretrain() {
   rm -rf "$BASE_DIR"
@@ -75,12 +99,7 @@ import sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
 torch.save({**state["model"], **(state.get("ema") or {})}, sys.argv[2])
 EOF
-  # The reference row: the base on Sudoku-X without any training.
-  $PY evaluate.py checkpoint="$BASE" data=sudoku_x "${DATA_TOY[@]}" eval.name=zero_shot_sudoku_x \
-    eval.output_dir="$OUT/adaptation_runs" eval.batch_size=512 2>&1 | grep -v "it/s\]" | tail -n 3
-  # evaluate.py's data= keeps the default build unless overridden; its result goes to $OUT/adaptation_runs.
-  $PY bench/summarise_adaptation.py collect-eval base_zero_shot "$OUT/adaptation_runs/zero_shot_sudoku_x.json" \
-    > "$OUT/adaptation_runs/base_zero_shot.json"
+  zero_shot
 }
 
 adapt() {  # method
@@ -107,9 +126,10 @@ summary() {
 case "$MODE" in
   all) pretrain; for m in "${METHODS[@]}"; do adapt "$m"; done; summary ;;
   pretrain) pretrain ;;
+  import) import_base ;;
   adapt) for m in "${METHODS[@]}"; do adapt "$m"; done; summary ;;
   summary) summary ;;
-  *) echo "usage: $0 [all|pretrain|adapt METHOD...|summary]"; exit 2 ;;
+  *) echo "usage: $0 [all|pretrain|import|adapt METHOD...|summary]"; exit 2 ;;
 esac
 # The device tool returns at most 8 files (16 MB each) per call: PACK=1 folds $OUT/adaptation_runs into one
 # tarball (on 2026-11-22 poly's record was lost to that limit). The base weights file (~27 MB) never fits.

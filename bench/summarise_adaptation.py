@@ -7,6 +7,10 @@
         an evaluate.py result (the base model on the new task, no training) -> the same keys, 0 trainable
     python bench/summarise_adaptation.py table $OUT/adaptation_trm.jsonl [--md FILE] [--png FILE]
         markdown table (stdout and --md) and the test-accuracy vs trainable-parameters plot (--png)
+    python bench/summarise_adaptation.py wrap-weights WEIGHTS OUT.pt -- OVERRIDES...
+        a bare state dict (e.g. the EMA weights exported by bench/gpu_time_to_accuracy.sh) -> an Athena
+        checkpoint whose run config is composed from OVERRIDES (those of the run that trained the weights), so
+        evaluate.py and init_from treat it like any checkpoint; the weights serve as raw and EMA weights
 
 step_ms is the median over the logged windows after the first (which holds start-up and compilation) of
 1000 x global_batch_size / samples_per_s, i.e. one whole optimizer step; peak_mem_gb is the CUDA peak
@@ -57,6 +61,28 @@ def collect_eval(method: str, path: Path) -> dict:
             "test_exact_accuracy": result["exact_accuracy"], "test_token_accuracy": result["token_accuracy"],
             "test_count": result["count"], "peak_mem_gb": None, "step_ms": None, "steps": 0,
             "data": result.get("data"), "init_from": result.get("checkpoint")}
+
+
+def wrap_weights(weights: Path, out: Path, overrides: list[str]) -> None:
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    from athena.config import validate_config
+    from athena.training.checkpoint import FORMAT, atomic_save, load_checkpoint
+
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        config = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    validate_config(config)
+    state = load_checkpoint(weights)
+    if state["format"] != "weights-only":
+        sys.exit(f"error: {weights} is already an Athena checkpoint; use it as is")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # The same tensors as raw and EMA weights: torch.save stores them once.
+    atomic_save({"format": FORMAT, "config": config, "model": state["model"], "ema": state["model"], "step": None}, out)
+    print(f"wrote {out} ({len(state['model'])} tensors, config from {' '.join(overrides)})")
 
 
 def _fmt(value, pattern: str, missing: str = "-") -> str:
@@ -119,8 +145,14 @@ def main() -> None:
     t.add_argument("jsonl", type=Path)
     t.add_argument("--md", type=Path)
     t.add_argument("--png", type=Path)
+    w = sub.add_parser("wrap-weights")
+    w.add_argument("weights", type=Path)
+    w.add_argument("out", type=Path)
+    w.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.command == "collect":
+    if args.command == "wrap-weights":
+        wrap_weights(args.weights, args.out, args.overrides)
+    elif args.command == "collect":
         print(json.dumps(collect_run(args.method, args.run_dir)))
     elif args.command == "collect-eval":
         print(json.dumps(collect_eval(args.method, args.eval_json)))

@@ -517,22 +517,33 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _extra_ops(layer: PolyAdapter, x: torch.Tensor) -> list[str]:
-    with torch.no_grad(), _CountOps() as wrapped:
+def _extra_ops(layer: PolyAdapter, x: torch.Tensor, grad: bool = False) -> list[str]:
+    x2 = x.reshape(-1, x.shape[-1])  # the adapter runs its base layer on the flattened tokens
+    with torch.set_grad_enabled(grad), _CountOps() as wrapped:
         layer(x)
     with torch.no_grad(), _CountOps() as base:
-        layer.base_layer(x)
+        layer.base_layer(x2)
     assert wrapped.ops[: len(base.ops)] == base.ops
     return wrapped.ops[len(base.ops):]
 
 
 def test_adapter_forward_adds_few_kernels():
     """Rank-8 adapters are launch-bound, not FLOP-bound: LoRA must cost exactly two extra kernels (x A^T, then one
-    addmm folding s (x A^T) B^T into the base output), IA3 one, and the routed experts a fixed handful
-    (router, top-k, gates, one down- and one up-projection), however many experts there are."""
+    addmm_ adding s (x A^T) B^T into the base output in place), IA3 one, and the routed experts a fixed handful
+    (router, top-k, softmax, gates, one down- and one up-projection), however many experts there are."""
     x = torch.randn(2, 5, 16)
-    assert _extra_ops(PolyAdapter(nn.Linear(16, 32), rank=4), x) == ["mm", "addmm"]
+    assert _extra_ops(PolyAdapter(nn.Linear(16, 32), rank=4), x) == ["mm", "addmm_"]
     assert _extra_ops(PolyAdapter(nn.Linear(16, 32), use_lora=False, use_ia3=True), x) == ["mul"]
     for experts in (4, 16):
         ops = _extra_ops(PolyAdapter(nn.Linear(16, 32), use_lora=False, use_moe=True, num_experts=experts), x)
-        assert len(ops) <= 9 and ops.count("mm") == 2 and ops[-1] == "addmm", ops
+        assert len(ops) <= 8 and ops.count("mm") == 2 and ops[-1] == "addmm_", ops
+
+
+def test_router_loss_never_waits_for_the_device():
+    """In training the router loss is computed too; nothing in it may force a GPU->CPU sync (bincount, nonzero,
+    .item() all do), or every adapted layer would stall the launch queue once per call."""
+    layer = PolyAdapter(nn.Linear(16, 32), use_lora=True, use_moe=True, num_experts=4, top_k=2)
+    ops = _extra_ops(layer, torch.randn(2, 5, 16), grad=True)
+    assert not {"bincount", "nonzero", "_local_scalar_dense", "item", "unique"} & set(ops), ops
+    assert len(ops) <= 22, ops
+    assert layer.pop_aux_loss() is not None

@@ -4,6 +4,7 @@ and bench/throughput.py end to end at toy size."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -66,3 +67,23 @@ def test_throughput_bench_runs_and_records(tmp_path, data_root):
     assert record["impl"] == "athena" and record["recipe"] == "sudoku_att" and record["batch"] == 8
     assert record["samples_per_s"] > 0 and record["step_ms"] > 0 and record["timed_steps"] == 2
     assert torch.isclose(torch.tensor(record["samples_per_s"] * record["step_ms"] / 1000), torch.tensor(8.0), rtol=0.01)
+
+
+def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, data_root):
+    """bench/summarise_adaptation.py wrap-weights: a bare state dict (EMA weights, as the time-to-accuracy bench
+    exports them) plus the run's overrides becomes a checkpoint that evaluate.py scores exactly as the original."""
+    run = ["experiment=smoke", "train.steps=6", "train.eval_every=null", "train.checkpoint_every=null"]
+    run_script("pretrain.py", *run, f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
+    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    torch.save({**state["model"], **state["ema"]}, tmp_path / "weights.pt")
+    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root)}
+    subprocess.run([sys.executable, str(ROOT / "bench/summarise_adaptation.py"), "wrap-weights",
+                    str(tmp_path / "weights.pt"), str(tmp_path / "wrapped.pt"), *run],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    scores = []
+    for name, checkpoint in (("original", tmp_path / "run/checkpoints/last.pt"), ("wrapped", tmp_path / "wrapped.pt")):
+        run_script("evaluate.py", f"checkpoint={checkpoint}", f"eval.output_dir={tmp_path}", f"eval.name={name}",
+                   data_root=data_root)
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        scores.append((result["exact_accuracy"], result["token_accuracy"], result["count"]))
+    assert scores[0] == scores[1] and scores[0][1] > 0

@@ -18,11 +18,12 @@ from athena.adapters.poly.layer import PolyAdapter, base_dims
 
 # Per-family defaults: every adapted linear (`targets`), attention projections (hybrid LoRA) and the FFN
 # output (hybrid bottleneck). BERT's FFN output "output.dense" must not catch "attention.output.dense".
+# TRM-MLP mixes tokens with a sequence MLP instead of attention; hybrid's LoRA goes there in its place.
 FAMILIES = {
     "trm": dict(
         targets=["attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj",
                  "seq_mlp.gate_up_proj", "seq_mlp.down_proj"],
-        attention=["attn.qkv_proj", "attn.o_proj"],
+        attention=["attn.qkv_proj", "attn.o_proj", "seq_mlp.gate_up_proj", "seq_mlp.down_proj"],
         ffn_out=[r"layers\.\d+\.mlp\.down_proj"],
     ),
     "llama": dict(

@@ -100,8 +100,8 @@ class PolyAdapter(nn.Module):
             for e in range(E):  # each expert initialised like an independent LoRA A
                 nn.init.kaiming_uniform_(self.expert_A.data[e * r : (e + 1) * r], a=math.sqrt(5))
         self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
-        self._aux_loss: torch.Tensor | None = None  # router loss summed over grad-enabled calls since last pop
-        self.last_expert_load: torch.Tensor | None = None  # (E,) fraction of routed slots per expert, for logging
+        self._aux_terms: list[torch.Tensor] = []  # router loss of each grad-enabled call since the last pop
+        self._last_counts: torch.Tensor | None = None  # routed slots per expert in the last such call
 
     @property
     def merged(self) -> bool:
@@ -111,75 +111,94 @@ class PolyAdapter(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("base_layer.")]
 
     # ---- forward ----
+    # Rank-8 adapters cost launches and Python dispatches, not FLOPs: every op below is a kernel on a GPU, so the
+    # path is kept to the minimum (LoRA: 2 kernels; experts: 8) and the deltas are added IN PLACE into the base
+    # output (addmm_), which is not saved for backward by any supported base layer, so autograd allows it.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
         lora = self.lora_A is not None and self.use_lora and "lora" not in self.merged_parts
         ia3 = self.ia3_l is not None and self.use_ia3 and "ia3" not in self.merged_parts
         moe = self.router is not None and self.use_moe
         if not (lora or ia3 or moe):
-            return result
-        # Adapters may live in another dtype than the base (e.g. bf16 adapters over an int8 base).
-        adtype = (self.lora_A.weight if self.lora_A is not None else self.ia3_l if self.ia3_l is not None
-                  else self.expert_A).dtype
+            return self.base_layer(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # 2-D throughout: addmm_ needs it, and no view is modified in place
+        out = self.base_layer(x2)
         if ia3:
-            result = result * self.ia3_l.to(result.dtype)
+            scale = self.ia3_l
+            out = out * (scale if scale.dtype == out.dtype else scale.to(out.dtype))
         if lora or moe:
-            xa = self.dropout(x.to(adtype))
+            # Adapters may live in another dtype than the base (e.g. bf16 adapters over an int8 base).
+            adtype = (self.lora_A.weight if self.lora_A is not None else self.expert_A).dtype
+            xa = x2 if x2.dtype == adtype else x2.to(adtype)
+            if not isinstance(self.dropout, nn.Identity):
+                xa = self.dropout(xa)
             if lora:
-                # Two kernels: x A^T, then one GEMM that adds s * (x A^T) B^T into the base output (addmm's beta=1).
-                # Per-layer launches and Python calls, not FLOPs, are what a rank-8 adapter costs.
-                down = F.linear(xa.reshape(-1, self.in_features), self.lora_A.weight).to(result.dtype)
-                flat = torch.addmm(result.reshape(-1, self.out_features), down,
-                                   self.lora_B.weight.to(result.dtype).t(), alpha=self.scaling)
-                result = flat.view(result.shape)
+                down, up = F.linear(xa, self.lora_A.weight), self.lora_B.weight
+                if down.dtype != out.dtype:
+                    down, up = down.to(out.dtype), up.to(out.dtype)
+                out.addmm_(down, up.t(), alpha=self.scaling)  # out += s * (x A^T) B^T, one GEMM
             if moe:
-                result = self._add_experts(xa, result)
-        return result
+                self._add_experts(xa, out)
+        return out.view(*lead, self.out_features)
 
-    def route(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x2 (N, in) -> gates (N, E) float32 (zero outside each token's top-k), router logits (N, E), top-k ids (N, k)."""
-        logits = F.linear(x2, self.router.weight).float()
+    def route(self, x2: torch.Tensor, dtype: torch.dtype = torch.float32
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x2 (N, in) -> gates (N, E) in `dtype` (zero outside each token's top-k), router logits (N, E) float32,
+        top-k ids (N, k)."""
+        logits = F.linear(x2, self.router.weight)
+        if logits.dtype != torch.float32:
+            logits = logits.float()
         if self.top_k > 1:
             # The softmax renormalised over the chosen experts IS the softmax of their logits: no full softmax.
             top_logits, top_i = logits.topk(self.top_k, dim=-1)
             top_p = top_logits.softmax(-1)
         else:  # k=1 keeps the raw probability (Switch), so the router still gets a gradient from the task loss
             top_p, top_i = logits.softmax(-1).topk(1, dim=-1)
-        gates = torch.zeros_like(logits).scatter(1, top_i, top_p)
+        gates = logits.new_zeros(logits.shape, dtype=dtype).scatter_(
+            1, top_i, top_p if top_p.dtype == dtype else top_p.to(dtype))
         return gates, logits, top_i
 
-    def _add_experts(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """result + the gated sum of the chosen experts' B_e A_e x, the sum added by one addmm."""
+    def _add_experts(self, x2: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the gated sum of the chosen experts' B_e A_e x (in place, one addmm)."""
         E, r = self.num_experts, self.expert_rank
-        x2 = x.reshape(-1, self.in_features)  # (N, in)
-        gates, logits, top_i = self.route(x2)
-        h = F.linear(x2, self.expert_A).view(-1, E, r)  # (N, E, r): every expert's down-projection at once
-        # Unselected experts -> exactly zero (value and gradient); the scaling rides along on the gates.
-        h = h * (gates * self.expert_scaling).to(h.dtype).unsqueeze(-1)
+        h = F.linear(x2, self.expert_A)  # (N, E*r): every expert's down-projection at once
+        gates, logits, top_i = self.route(x2, h.dtype)
         if torch.is_grad_enabled():
             self._accumulate_aux(logits, top_i)
-        flat = torch.addmm(result.reshape(-1, self.out_features), h.view(-1, E * r).to(result.dtype),
-                           self.expert_B.to(result.dtype).t())  # + sum over the chosen experts of B_e (gated h_e)
-        return flat.view(result.shape)
+        # Unselected experts -> exactly zero (value and gradient).
+        h = (h.view(-1, E, r) * gates.unsqueeze(-1)).view(-1, E * r)
+        up = self.expert_B if self.expert_B.dtype == out.dtype else self.expert_B.to(out.dtype)
+        if h.dtype != out.dtype:
+            h = h.to(out.dtype)
+        out.addmm_(h, up.t(), alpha=self.expert_scaling)  # + sum over the chosen experts of B_e (gated h_e)
 
     def _accumulate_aux(self, logits: torch.Tensor, top_i: torch.Tensor) -> None:
-        E = self.num_experts
-        probs = logits.softmax(-1)
-        # Switch load balancing: E * sum_e (fraction of routed slots to e) * (mean router prob of e); 1 if uniform.
-        load = torch.bincount(top_i.reshape(-1), minlength=E).float() / top_i.numel()
-        balance = E * (load * probs.mean(0)).sum()
-        z_loss = torch.logsumexp(logits, dim=-1).square().mean()  # keeps router logits small (ST-MoE)
-        aux = self.router_aux_weight * balance + self.router_z_weight * z_loss
+        N, E = logits.shape
+        # Switch load balancing, E * sum_e (fraction of routed slots to e) * (mean router prob of e), 1 if
+        # uniform, written as one dot product of slot counts and summed probabilities; counting by scatter, not
+        # bincount, because bincount waits for the GPU. Plus the ST-MoE z-loss mean(logsumexp^2) as a dot too.
+        counts = torch.zeros_like(logits).scatter_(1, top_i, 1.0).sum(0)
+        lse = torch.logsumexp(logits, dim=-1)
+        aux = (torch.dot(counts, logits.softmax(-1).sum(0)) * (self.router_aux_weight * E / (N * N * top_i.shape[1]))
+               + torch.dot(lse, lse) * (self.router_z_weight / N))
         # Activation checkpointing re-runs this forward during backward: the ops above must run again (the
         # checkpoint checks that the same tensors get saved), but the loss must not be counted a second time.
         if not _in_backward():
-            self._aux_loss = aux if self._aux_loss is None else self._aux_loss + aux
-            self.last_expert_load = load.detach()
+            self._aux_terms.append(aux)
+            self._last_counts = counts
+
+    @property
+    def last_expert_load(self) -> torch.Tensor | None:
+        """(E,) fraction of routed slots per expert in the last grad-enabled forward, for logging."""
+        return None if self._last_counts is None else self._last_counts / self._last_counts.sum()
 
     def pop_aux_loss(self) -> torch.Tensor | None:
-        aux, self._aux_loss = self._aux_loss, None
-        return aux
+        """Router loss summed over the grad-enabled forwards since the last pop (None if there were none)."""
+        terms, self._aux_terms = self._aux_terms, []
+        if not terms:
+            return None
+        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
     # ---- merge ----
 
