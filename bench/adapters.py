@@ -126,6 +126,22 @@ def peak_memory(device):
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def profile_prefill(model, ids, path: Path) -> None:
+    """Kernel table of three unmerged prefills plus the CPU-vs-GPU split: when the host's total exceeds the
+    device's, the GPU waits for Python and launches (wall time = CPU time), not for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with torch.inference_mode(), profile(activities=activities) as prof:
+        for _ in range(3):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if ids.is_cuda else "cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+
+
 def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
     timer = Timer(device)
     generator = torch.Generator(device="cpu").manual_seed(1)
@@ -180,6 +196,8 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
                         "peak_mem_gb": peak_memory(device), **extra})
 
     time_prefill("infer_unmerged")
+    if args.profile:
+        profile_prefill(model, ids, Path(args.profile) / f"{impl}_{method}_prefill.txt")
     model, note = merge(model, impl)
     time_prefill("infer_merged", **({"note": note} if note else {}))
     if aux_loss is not None:
@@ -199,6 +217,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed repetitions, default 20 (tiny: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions first, default 5 (tiny: 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up untimed)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also write a kernel table of the unmerged prefill per method to DIR")
     parser.add_argument("--only", default=None, help="comma list of impl:method, e.g. base:none,peft:lora,athena:moe")
     args = parser.parse_args()
     args.batch = args.batch or (2 if args.tiny else 4)
