@@ -477,6 +477,24 @@ def test_activation_checkpointing_counts_the_router_loss_once():
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "moe", "poly", "hybrid"])
+def test_bf16_autocast_trains_and_tracks_fp32(method):
+    """Under autocast the base output is bf16 while the adapter weights stay fp32: the in-place adds must cast
+    (autocast does not cover in-place ops), and the result must track the fp32 forward."""
+    model = add_adapters(tiny_trm(H_cycles=1, L_cycles=1), AdapterConfig(method=method, rank=4, bottleneck_size=8))
+    randomize_adapters(model, scale=0.05)
+    batch = make_batch()
+    with torch.no_grad():
+        ref = trm_logits(model.eval(), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = trm_logits(model, batch).float()
+        _, out = model.train()(model.initial_carry(batch), batch)
+    aux = adapter_aux_loss(model)
+    (out.loss + (aux if aux is not None else 0)).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    assert (got - ref).norm() / ref.norm() < 0.05
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
 def test_cuda_bf16_autocast_and_int8_base(method):

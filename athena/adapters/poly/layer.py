@@ -135,8 +135,10 @@ class PolyAdapter(nn.Module):
                 xa = self.dropout(xa)
             if lora:
                 down, up = F.linear(xa, self.lora_A.weight), self.lora_B.weight
-                if down.dtype != out.dtype:
-                    down, up = down.to(out.dtype), up.to(out.dtype)
+                if down.dtype != out.dtype:  # e.g. an fp32 int8-base output; under autocast `down` is bf16 already
+                    down = down.to(out.dtype)
+                if up.dtype != out.dtype:  # in-place ops are not autocast: cast the weight ourselves
+                    up = up.to(out.dtype)
                 out.addmm_(down, up.t(), alpha=self.scaling)  # out += s * (x A^T) B^T, one GEMM
             if moe:
                 self._add_experts(xa, out)
