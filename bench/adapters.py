@@ -9,7 +9,11 @@ bottleneck on the FFN) at the same rank and the same target layers:
   infer_merged    the same after merge_and_unload() (LoRA/IA3 folded into the weights; experts and
                   bottlenecks cannot be folded and stay, see the `note` field)
 step_ms is the median over --steps timed repetitions after --warmup untimed ones (CUDA events, synchronised;
-perf_counter on a CPU); peak_mem_gb is torch.cuda.max_memory_allocated over warm-up + timed steps (weights,
+perf_counter on a CPU). Training steps are timed model by model; the prefills of all models (kept on the GPU)
+are timed in interleaved rounds, so drifts of host speed or GPU clocks hit every method alike, after a few
+seconds of GPU warm-up. A prefill of 2048 tokens through 112 adapted layers is partly launch-bound in eager
+mode, so wall time depends on the host CPU: gpu_kernel_ms (the summed kernel time from the profiler) is what
+the GPU itself must do, and gpu_vs_base its ratio. peak_mem_gb is the CUDA peak of that method alone (weights,
 optimizer state and activations; null on a CPU). Every method gets a freshly built model with the same seed.
 
     python bench/adapters.py --out bench/results/adapters.json          # GPU (~2-3 min on one H100)
@@ -87,65 +91,85 @@ def merge(model, impl: str):
     return model, " ".join(str(w.message) for w in caught)
 
 
-class Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, warmup: int, steps: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(steps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1000 * (time.perf_counter() - t0))
-        return times
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+def time_once(fn, cuda: bool) -> float:
+    """Milliseconds of one call: CUDA events around it, then a sync (a CPU: perf_counter)."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - t0)
 
 
-def reset_memory(device):
+def warm_up_gpu(device: torch.device, seconds: float = 3.0) -> None:
+    """Idle GPUs sit at low clocks; the first method timed would pay for the ramp-up. Burn a few seconds first."""
+    if device.type != "cuda":
+        return
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def allocated(device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def reset_peak(device) -> int:
+    """Reset the peak counter; returns the bytes allocated now (the models kept for the prefill rounds)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    return allocated(device)
 
 
-def peak_memory(device):
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+def peak_since(device, before: int, own_bytes: int = 0) -> float | None:
+    """This method's peak in GB: the peak above what other kept models held, plus its own resident weights."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - before + own_bytes) / 2**30
 
 
-def profile_prefill(model, ids, path: Path) -> None:
-    """Kernel table of three unmerged prefills plus the CPU-vs-GPU split: when the host's total exceeds the
-    device's, the GPU waits for Python and launches (wall time = CPU time), not for kernels."""
+def kernel_ms(fn, cuda: bool) -> float | None:
+    """GPU time of one call: the summed device time of its kernels (profiler, mean of 3), i.e. what the GPU must
+    do whatever the host's launch speed. Wall time above this is the GPU waiting for Python and launches."""
+    if not cuda:
+        return None
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
-    with torch.inference_mode(), profile(activities=activities) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        if ids.is_cuda:
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / 3 / 1000
+
+
+def profile_prefill(fn, cuda: bool, path: Path) -> None:
+    """Kernel table of three prefills, with the host (CPU) and device totals at the bottom."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        if cuda:
             torch.cuda.synchronize()
-    sort = "cuda_time_total" if ids.is_cuda else "cpu_time_total"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+    path.write_text(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
+                                              max_name_column_width=60))
 
 
-def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
-    timer = Timer(device)
-    generator = torch.Generator(device="cpu").manual_seed(1)
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+def measure_train(impl: str, method: str, args, config, device, dtype, ids) -> tuple:
+    """Build the model with the method on it and time its training step; returns (model, train record, common)."""
+    cuda = device.type == "cuda"
+    before = reset_peak(device)
     model = build_base(config, device, dtype)
     total_base = sum(p.numel() for p in model.parameters())
     model, aux_loss = add_method(model, impl, method, args.rank)
@@ -154,11 +178,8 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
     common = dict(impl=impl, method=method, device=args.device_name, model=args.model_name, rank=args.rank,
                   batch=args.batch, seq=args.seq, dtype=str(dtype).removeprefix("torch."),
                   trainable_params=trainable, total_params=total, base_params=total_base, compiled=args.compile)
-    records = []
-    # --compile: torch.compile fuses each wrapper's few small kernels, the launch overhead the eager numbers show.
+    # --compile: torch.compile fuses each wrapper's few small kernels and removes the Python launch overhead.
     run = torch.compile(model) if args.compile else model
-
-    # --- train step
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
@@ -173,38 +194,86 @@ def measure(impl: str, method: str, args, config, device, dtype) -> list[dict]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    reset_memory(device)
-    times = timer(train_step, args.warmup, args.steps)
-    records.append({**common, "mode": "train", "step_ms": statistics.median(times), "peak_mem_gb": peak_memory(device)})
+    for _ in range(args.warmup):
+        train_step()
+    times = [time_once(train_step, cuda) for _ in range(args.steps)]
+    record = {**common, "mode": "train", "step_ms": statistics.median(times), "peak_mem_gb": peak_since(device, before)}
     del optimizer, params
     for p in model.parameters():
         p.grad = None
-
-    # --- prefill, unmerged then merged
     model.eval()
+    return model, record, common
 
-    def time_prefill(mode: str, **extra) -> None:
-        forward = torch.compile(model) if args.compile else model  # `model` as bound now (merged or not)
 
-        @torch.inference_mode()
-        def prefill():
-            forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+def model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
-        reset_memory(device)
-        times = timer(prefill, args.warmup, args.steps)
-        records.append({**common, "mode": mode, "step_ms": statistics.median(times),
-                        "peak_mem_gb": peak_memory(device), **extra})
 
-    time_prefill("infer_unmerged")
-    if args.profile:
-        profile_prefill(model, ids, Path(args.profile) / f"{impl}_{method}_prefill.txt")
-    model, note = merge(model, impl)
-    time_prefill("infer_merged", **({"note": note} if note else {}))
-    if aux_loss is not None:
-        aux_loss(model)  # drop anything accumulated (inference adds nothing, but be tidy)
-    del model
-    reset_memory(device)
+def time_prefills(models: dict, mode: str, args, device, ids, commons: dict, notes: dict) -> list[dict]:
+    """Prefill every kept model in interleaved rounds (A B C ... A B C ...), so that drifts of the host or the
+    GPU clocks hit every method alike; the median over rounds is each method's step_ms."""
+    cuda = device.type == "cuda"
+    fns = {}
+    for key, model in models.items():
+        forward = torch.compile(model) if args.compile else model
+
+        def prefill(forward=forward):
+            with torch.inference_mode():
+                forward(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+        fns[key] = prefill
+    peaks = {}
+    for key, fn in fns.items():  # warm-up (and compilation) per model, with its own peak memory
+        before = reset_peak(device)
+        for _ in range(args.warmup):
+            fn()
+        peaks[key] = peak_since(device, before, model_bytes(models[key]))
+    times = {key: [] for key in fns}
+    for _ in range(args.steps):
+        for key, fn in fns.items():
+            times[key].append(time_once(fn, cuda))
+    records = []
+    for key, fn in fns.items():
+        if args.profile and mode == "infer_unmerged":
+            profile_prefill(fn, cuda, Path(args.profile) / f"{key[0]}_{key[1]}_prefill.txt")
+        records.append({**commons[key], "mode": mode, "step_ms": statistics.median(times[key]),
+                        "gpu_kernel_ms": kernel_ms(fn, cuda), "peak_mem_gb": peaks[key],
+                        **({"note": notes[key]} if notes.get(key) else {})})
     return records
+
+
+def add_ratios(records: list[dict]) -> None:
+    base = {r["mode"]: r for r in records if r["impl"] == "base"}
+    peft_train = next((r["step_ms"] for r in records if r["impl"] == "peft" and r["mode"] == "train"), None)
+    lora_train = next((r["step_ms"] for r in records if r["impl"] == "athena" and r["method"] == "lora"
+                       and r["mode"] == "train"), None)
+    for r in records:
+        ref = base.get("train" if r["mode"] == "train" else "infer_unmerged")
+        if ref:
+            r["vs_base"] = r["step_ms"] / ref["step_ms"]
+            if r.get("gpu_kernel_ms") and ref.get("gpu_kernel_ms"):
+                r["gpu_vs_base"] = r["gpu_kernel_ms"] / ref["gpu_kernel_ms"]
+        if r["mode"] == "train" and lora_train and r["impl"] == "athena":
+            r["vs_athena_lora_train"] = r["step_ms"] / lora_train
+        if r["mode"] == "train" and peft_train and r["impl"] != "base":
+            r["vs_peft_lora_train"] = r["step_ms"] / peft_train
+
+
+def write(records: list[dict], args) -> None:
+    """(Re)write the results file; called after every phase so a cut-off run keeps what it measured."""
+    add_ratios(records)
+    meta = {"torch": torch.__version__, "tiny": args.tiny, "compiled": args.compile,
+            "timing": f"median of {args.steps} after {args.warmup} warm-up; prefills interleaved across methods"}
+    try:
+        import peft
+        import transformers
+
+        meta.update(transformers=transformers.__version__, peft=peft.__version__)
+    except ImportError:
+        pass
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
 
 
 def main() -> None:
@@ -242,42 +311,35 @@ def main() -> None:
     if args.only:
         wanted = {tuple(x.split(":")) for x in args.only.split(",")}
         plan = [p for p in plan if p in wanted]
-    records = []
+    generator = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+    warm_up_gpu(device)
+    records, models, commons, notes = [], {}, {}, {}
     for impl, method in plan:
         start = time.time()
-        rows = measure(impl, method, args, config, device, dtype)
-        records += rows
-        print(f"{impl:>6} {method:<6} " + "  ".join(
-            f"{r['mode']} {r['step_ms']:.1f} ms" + (f" {r['peak_mem_gb']:.2f} GB" if r["peak_mem_gb"] is not None else "")
-            for r in rows) + f"  [{time.time() - start:.0f} s]", flush=True)
-
-    base = {r["mode"]: r["step_ms"] for r in records if r["impl"] == "base"}
-    peft_train = next((r["step_ms"] for r in records if r["impl"] == "peft" and r["mode"] == "train"), None)
-    lora_train = next((r["step_ms"] for r in records if r["impl"] == "athena" and r["method"] == "lora"
-                       and r["mode"] == "train"), None)
-    for r in records:
-        if r["mode"] in base:
-            r["vs_base"] = r["step_ms"] / base[r["mode"]] if r["mode"] == "train" else r["step_ms"] / base["infer_unmerged"]
-        if r["mode"] == "train" and lora_train and r["impl"] == "athena":
-            r["vs_athena_lora_train"] = r["step_ms"] / lora_train
-        if r["mode"] == "train" and peft_train and r["impl"] != "base":
-            r["vs_peft_lora_train"] = r["step_ms"] / peft_train
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"torch": torch.__version__, "tiny": args.tiny, "timing": f"median of {args.steps} after {args.warmup} warm-up"}
-    try:
-        import peft
-        import transformers
-
-        meta.update(transformers=transformers.__version__, peft=peft.__version__)
-    except ImportError:
-        pass
-    out.write_text(json.dumps({"meta": meta, "records": records}, indent=2))
-    print(f"wrote {out} ({len(records)} records)")
-    print("| impl | method | mode | step ms | vs base | peak mem GB |\n|---|---|---|---|---|---|")
-    for r in records:
+        model, record, common = measure_train(impl, method, args, config, device, dtype, ids)
+        models[(impl, method)], commons[(impl, method)] = model, common
+        records.append(record)
+        print(f"{impl:>6} {method:<6} train {record['step_ms']:.1f} ms"
+              + (f" {record['peak_mem_gb']:.2f} GB" if record["peak_mem_gb"] is not None else "")
+              + f"  [{time.time() - start:.0f} s]", flush=True)
+        write(records, args)
+    records += time_prefills(models, "infer_unmerged", args, device, ids, commons, notes)
+    write(records, args)
+    for key in list(models):
+        models[key], notes[key] = merge(models[key], key[0])
+    records += time_prefills(models, "infer_merged", args, device, ids, commons, notes)
+    write(records, args)
+    print(f"wrote {args.out} ({len(records)} records)")
+    print("| impl | method | mode | step ms | vs base | GPU kernel ms | GPU vs base | peak mem GB |\n"
+          "|---|---|---|---|---|---|---|---|")
+    order = {"train": 0, "infer_unmerged": 1, "infer_merged": 2}
+    for r in sorted(records, key=lambda r: (plan.index((r["impl"], r["method"])), order[r["mode"]])):
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.2f}"
-        print(f"| {r['impl']} | {r['method']} | {r['mode']} | {r['step_ms']:.1f} | {r.get('vs_base', float('nan')):.2f}x | {mem} |")
+        gpu = "-" if r.get("gpu_kernel_ms") is None else f"{r['gpu_kernel_ms']:.1f}"
+        gpu_ratio = "-" if r.get("gpu_vs_base") is None else f"{r['gpu_vs_base']:.2f}x"
+        print(f"| {r['impl']} | {r['method']} | {r['mode']} | {r['step_ms']:.1f} | {r.get('vs_base', float('nan')):.2f}x "
+              f"| {gpu} | {gpu_ratio} | {mem} |")
 
 
 if __name__ == "__main__":
