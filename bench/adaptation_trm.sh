@@ -17,7 +17,8 @@
 # bench/time_to_accuracy.py), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), FULL_LR (3e-4, full fine-tuning),
 # ADAPTER_LR (3e-3), PACK (1: one tarball of the runs, for the device tool's 8-file limit), BASE (the base
 # checkpoint; default outputs/adapt_base/checkpoints/last.pt), BASE_WEIGHTS (import: a bare state dict),
-# IMPORT_OVERRIDES (import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config). Phase 1 also writes the base's EMA weights alone
+# IMPORT_OVERRIDES (import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config),
+# ADAPT_OVERRIDES (extra Hydra overrides for every adaptation run, e.g. train.grad_accum_steps=2). Phase 1 also writes the base's EMA weights alone
 # to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
 # pass BASE=<that file> (init_from takes a bare state dict); `summary` then needs every
 # $OUT/adaptation_runs/<method>.json (incl. base_zero_shot.json from phase 1) in one $OUT.
@@ -107,7 +108,7 @@ adapt() {  # method
   [ "$method" = full ] && adapter=none
   rm -rf "$dir"
   $PY pretrain.py "${COMMON[@]}" data=sudoku_x train.steps="$ADAPT_STEPS" "${ADAPT_EXTRA[@]}" adapter="$adapter" \
-    init_from="$BASE" train.lr="$(lr_for "$method")" hydra.run.dir="$dir" 2>&1 | grep -v "it/s\]" | tail -n 4
+    init_from="$BASE" train.lr="$(lr_for "$method")" hydra.run.dir="$dir" ${ADAPT_OVERRIDES:-} 2>&1 | grep -v "it/s\]" | tail -n 4
   cp "$dir/metrics.jsonl" "$OUT/adaptation_runs/$method.jsonl" 2>/dev/null
   $PY bench/summarise_adaptation.py collect "$method" "$dir" > "$OUT/adaptation_runs/$method.json" \
     || echo "{\"method\": \"$method\", \"error\": \"run failed, see its log\"}" > "$OUT/adaptation_runs/$method.json"

@@ -495,6 +495,25 @@ def test_bf16_autocast_trains_and_tracks_fp32(method):
     assert (got - ref).norm() / ref.norm() < 0.05
 
 
+def test_autocast_saves_one_copy_of_the_input():
+    """Under autocast every matmul casts its fp32 input to bf16 and saves that copy for backward; a poly layer's
+    base, LoRA, router and experts would keep four. The layer casts once, so one bf16 copy is saved."""
+    layer = PolyAdapter(nn.Linear(64, 96), rank=4, use_lora=True, use_ia3=True, use_moe=True, num_experts=4, top_k=2)
+    layer.base_layer.requires_grad_(False)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    copies = set()
+
+    def pack(t):
+        if t.dtype == torch.bfloat16 and t.numel() == x.numel():
+            copies.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().sum().backward()
+    assert len(copies) == 1 and x.grad is not None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
 def test_cuda_bf16_autocast_and_int8_base(method):

@@ -123,6 +123,13 @@ class PolyAdapter(nn.Module):
             return self.base_layer(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # 2-D throughout: addmm_ needs it, and no view is modified in place
+        autocast = torch.is_autocast_enabled(x2.device.type)
+        if autocast and x2.is_floating_point():
+            # Cast once for the base and the adapters: autocast would cast x in each matmul and save every copy
+            # for backward (under bf16 that was ~20% more activation memory for LoRA, ~2x for poly).
+            dtype = torch.get_autocast_dtype(x2.device.type)
+            if x2.dtype != dtype:
+                x2 = x2.to(dtype)
         out = self.base_layer(x2)
         if ia3:
             scale = self.ia3_l
@@ -130,7 +137,7 @@ class PolyAdapter(nn.Module):
         if lora or moe:
             # Adapters may live in another dtype than the base (e.g. bf16 adapters over an int8 base).
             adtype = (self.lora_A.weight if self.lora_A is not None else self.expert_A).dtype
-            xa = x2 if x2.dtype == adtype else x2.to(adtype)
+            xa = x2 if autocast or x2.dtype == adtype else x2.to(adtype)  # under autocast the matmuls cast weights
             if not isinstance(self.dropout, nn.Identity):
                 xa = self.dropout(xa)
             if lora:
