@@ -18,8 +18,8 @@
 # ADAPTER_LR (3e-3), PACK (1: one tarball of the runs, for the device tool's 8-file limit), BASE (the base
 # checkpoint; default outputs/adapt_base/checkpoints/last.pt), BASE_WEIGHTS (import: a bare state dict),
 # IMPORT_OVERRIDES (import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config),
-# ADAPT_OVERRIDES (extra Hydra overrides for every adaptation run, e.g. train.grad_accum_steps=2). Phase 1 also writes the base's EMA weights alone
-# to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
+# ADAPT_OVERRIDES (extra Hydra overrides for every adaptation run, e.g. train.grad_accum_steps=2).
+# Phase 1 also writes the base's EMA weights alone to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
 # pass BASE=<that file> (init_from takes a bare state dict); `summary` then needs every
 # $OUT/adaptation_runs/<method>.json (incl. base_zero_shot.json from phase 1) in one $OUT.
 # Sudoku and Sudoku-X share vocab (11), seq_len (81) and num_puzzle_identifiers (1), so init_from loads as is.
