@@ -100,8 +100,7 @@ class PolyAdapter(nn.Module):
             for e in range(E):  # each expert initialised like an independent LoRA A
                 nn.init.kaiming_uniform_(self.expert_A.data[e * r : (e + 1) * r], a=math.sqrt(5))
         self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
-        self._aux_terms: list[torch.Tensor] = []  # router loss of each grad-enabled call since the last pop
-        self._last_counts: torch.Tensor | None = None  # routed slots per expert in the last such call
+        self._router_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # grad-enabled calls since the last pop
 
     @property
     def merged(self) -> bool:
@@ -183,31 +182,32 @@ class PolyAdapter(nn.Module):
         out.addmm_(h, up.t(), alpha=self.expert_scaling)  # + sum over the chosen experts of B_e (gated h_e)
 
     def _accumulate_aux(self, logits: torch.Tensor, top_i: torch.Tensor) -> None:
-        N, E = logits.shape
-        # Switch load balancing, E * sum_e (fraction of routed slots to e) * (mean router prob of e), 1 if
-        # uniform, written as one dot product of slot counts and summed probabilities; counting by scatter, not
-        # bincount, because bincount waits for the GPU. Plus the ST-MoE z-loss mean(logsumexp^2) as a dot too.
-        counts = torch.zeros_like(logits).scatter_(1, top_i, 1.0).sum(0)
-        lse = torch.logsumexp(logits, dim=-1)
-        aux = (torch.dot(counts, logits.softmax(-1).sum(0)) * (self.router_aux_weight * E / (N * N * top_i.shape[1]))
-               + torch.dot(lse, lse) * (self.router_z_weight / N))
-        # Activation checkpointing re-runs this forward during backward: the ops above must run again (the
-        # checkpoint checks that the same tensors get saved), but the loss must not be counted a second time.
+        # Only remember the call: the router loss is computed when popped, for every call of every layer of the
+        # same shape at once (router_loss), not as ~10 small kernels per layer per call. The logits are saved
+        # for backward anyway, so keeping them costs no memory.
+        # Activation checkpointing re-runs this forward during backward: that call must not count a second time.
         if not _in_backward():
-            self._aux_terms.append(aux)
-            self._last_counts = counts
+            self._router_calls.append((logits, top_i))
 
     @property
     def last_expert_load(self) -> torch.Tensor | None:
-        """(E,) fraction of routed slots per expert in the last grad-enabled forward, for logging."""
-        return None if self._last_counts is None else self._last_counts / self._last_counts.sum()
+        """(E,) fraction of routed slots per expert in the last grad-enabled forward (since the last pop), for
+        logging."""
+        if not self._router_calls:
+            return None
+        top_i = self._router_calls[-1][1].detach()
+        counts = torch.zeros(self.num_experts, device=top_i.device).scatter_add_(
+            0, top_i.reshape(-1), torch.ones(top_i.numel(), device=top_i.device))
+        return counts / top_i.numel()
+
+    def pop_router_calls(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (logits, top-k ids) of the grad-enabled forwards since the last pop; forgets them."""
+        calls, self._router_calls = self._router_calls, []
+        return calls
 
     def pop_aux_loss(self) -> torch.Tensor | None:
         """Router loss summed over the grad-enabled forwards since the last pop (None if there were none)."""
-        terms, self._aux_terms = self._aux_terms, []
-        if not terms:
-            return None
-        return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        return router_loss(self.pop_router_calls(), self.router_aux_weight, self.router_z_weight)
 
     # ---- merge ----
 
@@ -271,6 +271,29 @@ class PolyAdapter(nn.Module):
         if self.merged:
             parts.append(f"merged={'+'.join(self.merged_parts)}")
         return ", ".join(parts)
+
+
+def router_loss(calls: list[tuple[torch.Tensor, torch.Tensor]], aux_weight: float, z_weight: float
+                ) -> torch.Tensor | None:
+    """Sum over router calls (logits (N, E) float32, top-k ids (N, k)) of
+        aux_weight * E * sum_e (fraction of the N*k routed slots that went to e) * (mean router prob of e)
+      + z_weight * mean_n logsumexp(logits_n)^2
+    (Switch load balancing, 1 when uniform; ST-MoE z-loss). Calls of the same shape are stacked and done in one
+    go, so the cost does not grow with the number of layers. Slots are counted by scatter, not bincount, which
+    would wait for the GPU."""
+    groups: dict[tuple, list] = {}
+    for logits, top_i in calls:
+        groups.setdefault((tuple(logits.shape), top_i.shape[1], logits.device), []).append((logits, top_i))
+    total = None
+    for ((n, e), k, _), group in groups.items():
+        logits = torch.stack([c[0] for c in group]) if len(group) > 1 else group[0][0][None]  # (C, N, E)
+        top_i = torch.stack([c[1] for c in group]) if len(group) > 1 else group[0][1][None]  # (C, N, k)
+        counts = torch.zeros_like(logits).scatter_(2, top_i, 1.0).sum(1)  # (C, E) slots per expert
+        balance = (counts * logits.softmax(-1).sum(1)).sum() * (aux_weight * e / (n * n * k))
+        z_loss = torch.logsumexp(logits, dim=-1).square().sum() * (z_weight / n)
+        term = balance + z_loss
+        total = term if total is None else total + term
+    return total
 
 
 def _in_backward() -> bool:
