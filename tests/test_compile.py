@@ -70,6 +70,21 @@ def test_compiled_poly_adapter_model_matches_eager_router_loss_included():
             torch.testing.assert_close(step_eager[name], step_compiled[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_expert_adapters_compile_into_one_graph():
+    """Routed experts in training mode (router calls recorded for the loss) must not break the compiled graph:
+    a break at every adapted layer would turn one fused graph into dozens of small ones."""
+    from torch import nn
+
+    from athena.adapters.poly.layer import PolyAdapter
+
+    torch._dynamo.reset()
+    stack = nn.Sequential(*[PolyAdapter(nn.Linear(16, 16), use_ia3=True, use_moe=True, num_experts=4, top_k=2)
+                            for _ in range(3)])
+    explained = torch._dynamo.explain(stack)(torch.randn(2, 5, 16))
+    assert explained.graph_break_count == 0, [str(b.reason)[:120] for b in explained.break_reasons]
+    assert sum(len(layer.pop_router_calls()) for layer in stack) == 3  # each call recorded once
+
+
 def test_compile_failure_falls_back_to_eager(caplog):
     model, batch = _model_and_batch()
     wrapped = CompiledWithFallback(model)

@@ -298,7 +298,13 @@ def router_loss(calls: list[tuple[torch.Tensor, torch.Tensor]], aux_weight: floa
 
 def _in_backward() -> bool:
     """True while autograd runs backward (e.g. activation checkpointing recomputing the forward): that
-    recomputation must not add the router loss a second time."""
+    recomputation must not add the router loss a second time.
+
+    Under torch.compile the check is skipped: it returns a Python int that Dynamo cannot trace (a graph break
+    at every expert layer), and a compiled graph recomputes checkpointed regions inside its own backward
+    without re-running this Python."""
+    if torch.compiler.is_compiling():
+        return False
     try:
         return torch._C._current_graph_task_id() != -1
     except AttributeError:  # older torch: no way to tell; counting twice is the lesser evil
