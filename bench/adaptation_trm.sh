@@ -13,15 +13,21 @@
 #     bash bench/adaptation_trm.sh import   # phase 1 from trained weights instead: wrap them as the base
 #                                           # checkpoint and evaluate it zero-shot on Sudoku-X
 #
-# Knobs (env): OUT (default bench/results), ARCH (athena_trm; athena_trm_mlp for the TRM-MLP base of
-# bench/time_to_accuracy.py), PRETRAIN_STEPS (1500), ADAPT_STEPS (300), FULL_LR (3e-4, full fine-tuning),
-# ADAPTER_LR (3e-3), PACK (1: one tarball of the runs, for the device tool's 8-file limit), BASE (the base
-# checkpoint; default outputs/adapt_base/checkpoints/last.pt), BASE_WEIGHTS (import: a bare state dict),
-# IMPORT_OVERRIDES (import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config),
-# ADAPT_OVERRIDES (extra Hydra overrides for every adaptation run, e.g. train.grad_accum_steps=2).
-# Phase 1 also writes the base's EMA weights alone to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2 runs on a fresh machine, bring that file along and
-# pass BASE=<that file> (init_from takes a bare state dict); `summary` then needs every
-# $OUT/adaptation_runs/<method>.json (incl. base_zero_shot.json from phase 1) in one $OUT.
+# Knobs (env):
+#   OUT               results (default bench/results)
+#   RUNS              run folders: $RUNS/adapt_base, $RUNS/adapt_<method> (default outputs)
+#   ARCH              athena_trm (default); athena_trm_mlp for the TRM-MLP base of bench/time_to_accuracy.py
+#   PRETRAIN_STEPS    1500;  ADAPT_STEPS 300
+#   FULL_LR           3e-4 (full fine-tuning);  ADAPTER_LR 3e-3
+#   BASE              the base checkpoint (default $RUNS/adapt_base/checkpoints/last.pt)
+#   BASE_WEIGHTS      import: a bare state dict
+#   IMPORT_OVERRIDES  import: the Hydra overrides of the run that trained BASE_WEIGHTS, stored as its config
+#   ADAPT_OVERRIDES   extra Hydra overrides for every adaptation run, e.g. train.grad_accum_steps=2
+#   PACK              1: one tarball of the runs, for the device tool's 8-file limit
+# Phase 1 also writes the base's EMA weights alone to $OUT/adaptation_base_weights.pt (~27 MB): if phase 2
+# runs on a fresh machine, bring that file along and pass BASE=<that file> (init_from takes a bare state
+# dict); `summary` then needs every $OUT/adaptation_runs/<method>.json (incl. base_zero_shot.json from
+# phase 1) in one $OUT.
 # Sudoku and Sudoku-X share vocab (11), seq_len (81) and num_puzzle_identifiers (1), so init_from loads as is.
 # Results: $OUT/adaptation_trm.jsonl (one JSON line per method), adaptation_trm.md, adaptation_trm.png and
 # each run's metrics in $OUT/adaptation_runs/<method>.jsonl.
@@ -34,7 +40,8 @@ OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT/adaptation_runs"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
-BASE_DIR=outputs/adapt_base
+RUNS=${RUNS:-outputs}  # where the runs go: $RUNS/adapt_base, $RUNS/adapt_<method>
+BASE_DIR=$RUNS/adapt_base
 BASE=${BASE:-$BASE_DIR/checkpoints/last.pt}
 ARCH=${ARCH:-athena_trm}
 
@@ -104,7 +111,7 @@ EOF
 }
 
 adapt() {  # method
-  local method=$1 dir="outputs/adapt_$1" adapter=$1
+  local method=$1 dir="$RUNS/adapt_$1" adapter=$1
   [ "$method" = full ] && adapter=none
   rm -rf "$dir"
   $PY pretrain.py "${COMMON[@]}" data=sudoku_x train.steps="$ADAPT_STEPS" "${ADAPT_EXTRA[@]}" adapter="$adapter" \

@@ -87,3 +87,48 @@ def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, d
         result = json.loads((tmp_path / f"{name}.json").read_text())
         scores.append((result["exact_accuracy"], result["token_accuracy"], result["count"]))
     assert scores[0] == scores[1] and scores[0][1] > 0
+
+
+def test_adaptation_study_runs_end_to_end_at_toy_size_from_exported_weights(tmp_path, data_root):
+    """bench/adaptation_trm.sh at toy size on TRM-MLP: pretrain a base, import its exported weights as a new
+    base (the path the GPU study takes from the time-to-accuracy run), adapt it with hybrid (LoRA on the
+    token-mixing MLP, which TRM-MLP has instead of attention) and summarise."""
+    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline",
+           "TOY": "1", "ARCH": "athena_trm_mlp", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
+           "PYTHON": sys.executable}
+    imported = tmp_path / "imported" / "last.pt"
+
+    def study(*args: str, **extra: str) -> None:
+        proc = subprocess.run(["bash", "bench/adaptation_trm.sh", *args], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    study("pretrain")
+    study("import", BASE_WEIGHTS=str(tmp_path / "out/adaptation_base_weights.pt"), BASE=str(imported))
+    study("adapt", "hybrid", BASE=str(imported))
+    records = [json.loads(line) for line in (tmp_path / "out/adaptation_trm.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["base_zero_shot", "hybrid"], records
+    hybrid = records[1]
+    assert 0 < hybrid["trainable_params"] < hybrid["total_params"] and hybrid["init_from"] == str(imported)
+    assert hybrid["adapter"]["name"] == "hybrid" and (tmp_path / "out/adaptation_trm.png").is_file()
+    assert (tmp_path / "runs" / "adapt_hybrid" / "metrics.jsonl").is_file()  # runs go to RUNS, not the repo
+
+
+def test_adapter_bench_runs_at_toy_size_and_records_every_mode(tmp_path):
+    """bench/adapters.py --tiny (CPU): base, peft LoRA and Athena LoRA/moe, each with a train, an unmerged and a
+    merged record carrying the fields docs/benchmarks.md reads; ratios are against the base."""
+    out = tmp_path / "adapters.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/adapters.py"), "--tiny", "--steps", "2", "--out", str(out),
+                           "--only", "base:none,peft:lora,athena:lora,athena:moe"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    keys = {(r["impl"], r["method"], r["mode"]) for r in records}
+    for impl, method in [("base", "none"), ("peft", "lora"), ("athena", "lora"), ("athena", "moe")]:
+        assert {(impl, method, m) for m in ("train", "infer_unmerged", "infer_merged")} <= keys
+    for r in records:
+        assert r["step_ms"] > 0 and r["vs_base"] > 0 and r.get("gpu_kernel_ms") is None  # no kernel time on a CPU
+    lora = next(r for r in records if r["impl"] == "athena" and r["method"] == "lora" and r["mode"] == "train")
+    assert 0 < lora["trainable_params"] < lora["total_params"] and lora["vs_athena_lora_train"] == 1.0
+    moe = next(r for r in records if r["method"] == "moe" and r["mode"] == "infer_merged")
+    assert "experts" in moe["note"]  # experts cannot merge, and the record says so
