@@ -101,6 +101,7 @@ class PolyAdapter(nn.Module):
                 nn.init.kaiming_uniform_(self.expert_A.data[e * r : (e + 1) * r], a=math.sqrt(5))
         self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
         self._router_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # grad-enabled calls since the last pop
+        self._last_top_i: torch.Tensor | None = None  # top-k ids of the last grad-enabled call, for logging
 
     @property
     def merged(self) -> bool:
@@ -188,14 +189,14 @@ class PolyAdapter(nn.Module):
         # Activation checkpointing re-runs this forward during backward: that call must not count a second time.
         if not _in_backward():
             self._router_calls.append((logits, top_i))
+            self._last_top_i = top_i
 
     @property
     def last_expert_load(self) -> torch.Tensor | None:
-        """(E,) fraction of routed slots per expert in the last grad-enabled forward (since the last pop), for
-        logging."""
-        if not self._router_calls:
+        """(E,) fraction of routed slots per expert in the last grad-enabled forward, for logging."""
+        if self._last_top_i is None:
             return None
-        top_i = self._router_calls[-1][1].detach()
+        top_i = self._last_top_i
         counts = torch.zeros(self.num_experts, device=top_i.device).scatter_add_(
             0, top_i.reshape(-1), torch.ones(top_i.numel(), device=top_i.device))
         return counts / top_i.numel()
