@@ -622,3 +622,5 @@ def test_router_loss_of_many_layers_equals_the_per_call_formula():
     layers(x2)
     torch.testing.assert_close(adapter_aux_loss(layers), expected, rtol=1e-5, atol=1e-6)
     assert adapter_aux_loss(layers) is None
+    load = layers[0].last_expert_load  # still there after the pop, for logging: the last call's routing
+    assert load.shape == (5,) and torch.isclose(load.sum(), torch.tensor(1.0))
