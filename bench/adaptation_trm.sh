@@ -102,11 +102,7 @@ pretrain() {
   cp "$BASE_DIR/metrics.jsonl" "$OUT/adaptation_runs/base_sudoku.jsonl"
   cp "$BASE_DIR/eval/final.json" "$OUT/adaptation_runs/base_sudoku_final.json"
   # Weights only (EMA where present) -- small enough to carry to a fresh machine for phase 2.
-  $PY - "$BASE" "$OUT/adaptation_base_weights.pt" <<'EOF'
-import sys, torch
-state = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
-torch.save({**state["model"], **(state.get("ema") or {})}, sys.argv[2])
-EOF
+  $PY bench/summarise_adaptation.py export-weights "$BASE" "$OUT/adaptation_base_weights.pt"
   zero_shot
 }
 

@@ -28,10 +28,10 @@ cp "$RUN/run/metrics.jsonl" "$OUT/" 2>/dev/null
 if pgrep -f bench/time_to_accuracy.py > /dev/null; then echo "still running"; else
   echo "finished"
   # The trained model (EMA weights only, fp32) as the base of the adaptation study, in parts under the device
-  # tool's 16 MB-per-file limit: `cat base_weights.pt.part* > base.pt; BASE=base.pt bash bench/adaptation_trm.sh ...`
+  # tool's 16 MB-per-file limit: `cat base_weights.pt.part* > w.pt`, then
+  # `BASE_WEIGHTS=w.pt bash bench/adaptation_trm.sh import` (docs/adaptation.md has the whole command).
   if [ -f "$RUN/run/checkpoints/last.pt" ] && [ ! -f "$OUT/base_weights.pt.partaa" ]; then
-    python3 -c "import sys, torch; s = torch.load(sys.argv[1], map_location='cpu', weights_only=True); \
-torch.save({**s['model'], **(s.get('ema') or {})}, sys.argv[2])" "$RUN/run/checkpoints/last.pt" "$RUN/base_weights.pt" \
+    python3 bench/summarise_adaptation.py export-weights "$RUN/run/checkpoints/last.pt" "$RUN/base_weights.pt" \
       && split -b 15M "$RUN/base_weights.pt" "$OUT/base_weights.pt.part"
   fi
 fi

@@ -7,6 +7,9 @@
         an evaluate.py result (the base model on the new task, no training) -> the same keys, 0 trainable
     python bench/summarise_adaptation.py table $OUT/adaptation_trm.jsonl [--md FILE] [--png FILE]
         markdown table (stdout and --md) and the test-accuracy vs trainable-parameters plot (--png)
+    python bench/summarise_adaptation.py export-weights CHECKPOINT OUT.pt
+        an Athena checkpoint -> its weights alone as a bare state dict (EMA where present): small enough to
+        carry to another machine
     python bench/summarise_adaptation.py wrap-weights WEIGHTS OUT.pt -- OVERRIDES...
         a bare state dict (e.g. the EMA weights exported by bench/gpu_time_to_accuracy.sh) -> an Athena
         checkpoint whose run config is composed from OVERRIDES (those of the run that trained the weights), so
@@ -61,6 +64,17 @@ def collect_eval(method: str, path: Path) -> dict:
             "test_exact_accuracy": result["exact_accuracy"], "test_token_accuracy": result["token_accuracy"],
             "test_count": result["count"], "peak_mem_gb": None, "step_ms": None, "steps": 0,
             "data": result.get("data"), "init_from": result.get("checkpoint")}
+
+
+def export_weights(checkpoint: Path, out: Path) -> None:
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from athena.training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({**state["model"], **(state.get("ema") or {})}, out)  # the EMA weights are the ones evaluated
 
 
 def wrap_weights(weights: Path, out: Path, overrides: list[str]) -> None:
@@ -145,12 +159,17 @@ def main() -> None:
     t.add_argument("jsonl", type=Path)
     t.add_argument("--md", type=Path)
     t.add_argument("--png", type=Path)
+    x = sub.add_parser("export-weights")
+    x.add_argument("checkpoint", type=Path)
+    x.add_argument("out", type=Path)
     w = sub.add_parser("wrap-weights")
     w.add_argument("weights", type=Path)
     w.add_argument("out", type=Path)
     w.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    if args.command == "wrap-weights":
+    if args.command == "export-weights":
+        export_weights(args.checkpoint, args.out)
+    elif args.command == "wrap-weights":
         wrap_weights(args.weights, args.out, args.overrides)
     elif args.command == "collect":
         print(json.dumps(collect_run(args.method, args.run_dir)))

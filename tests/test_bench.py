@@ -70,15 +70,15 @@ def test_throughput_bench_runs_and_records(tmp_path, data_root):
 
 
 def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, data_root):
-    """bench/summarise_adaptation.py wrap-weights: a bare state dict (EMA weights, as the time-to-accuracy bench
-    exports them) plus the run's overrides becomes a checkpoint that evaluate.py scores exactly as the original."""
+    """bench/summarise_adaptation.py export-weights then wrap-weights: the bare EMA weights (as the time-to-accuracy
+    bench exports them) plus the run's overrides become a checkpoint that evaluate.py scores exactly as the original."""
     run = ["experiment=smoke", "train.steps=6", "train.eval_every=null", "train.checkpoint_every=null"]
     run_script("pretrain.py", *run, f"hydra.run.dir={tmp_path / 'run'}", data_root=data_root)
-    state = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
-    torch.save({**state["model"], **state["ema"]}, tmp_path / "weights.pt")
     env = {**os.environ, "ATHENA_DATA_DIR": str(data_root)}
-    subprocess.run([sys.executable, str(ROOT / "bench/summarise_adaptation.py"), "wrap-weights",
-                    str(tmp_path / "weights.pt"), str(tmp_path / "wrapped.pt"), *run],
+    tool = [sys.executable, str(ROOT / "bench/summarise_adaptation.py")]
+    subprocess.run([*tool, "export-weights", str(tmp_path / "run/checkpoints/last.pt"), str(tmp_path / "weights.pt")],
+                   cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run([*tool, "wrap-weights", str(tmp_path / "weights.pt"), str(tmp_path / "wrapped.pt"), *run],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     scores = []
     for name, checkpoint in (("original", tmp_path / "run/checkpoints/last.pt"), ("wrapped", tmp_path / "wrapped.pt")):
