@@ -109,12 +109,16 @@ pretrain() {
 adapt() {  # method
   local method=$1 dir="$RUNS/adapt_$1" adapter=$1
   [ "$method" = full ] && adapter=none
-  rm -rf "$dir"
+  rm -rf "$dir"; mkdir -p "$RUNS"
   $PY pretrain.py "${COMMON[@]}" data=sudoku_x train.steps="$ADAPT_STEPS" "${ADAPT_EXTRA[@]}" adapter="$adapter" \
-    init_from="$BASE" train.lr="$(lr_for "$method")" hydra.run.dir="$dir" ${ADAPT_OVERRIDES:-} 2>&1 | grep -v "it/s\]" | tail -n 4
+    init_from="$BASE" train.lr="$(lr_for "$method")" hydra.run.dir="$dir" ${ADAPT_OVERRIDES:-} > "$dir.log" 2>&1
+  grep -v "it/s\]" "$dir.log" | tail -n 4
   cp "$dir/metrics.jsonl" "$OUT/adaptation_runs/$method.jsonl" 2>/dev/null
-  $PY bench/summarise_adaptation.py collect "$method" "$dir" > "$OUT/adaptation_runs/$method.json" \
-    || echo "{\"method\": \"$method\", \"error\": \"run failed, see its log\"}" > "$OUT/adaptation_runs/$method.json"
+  if ! $PY bench/summarise_adaptation.py collect "$method" "$dir" > "$OUT/adaptation_runs/$method.json"; then
+    # A failed run keeps its whole log next to the results (the console only showed its last lines).
+    echo "{\"method\": \"$method\", \"error\": \"run failed, see $method.log\"}" > "$OUT/adaptation_runs/$method.json"
+    grep -v "it/s\]" "$dir.log" > "$OUT/adaptation_runs/$method.log"; tail -n 25 "$OUT/adaptation_runs/$method.log"
+  fi
 }
 
 summary() {

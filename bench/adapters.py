@@ -13,7 +13,8 @@ perf_counter on a CPU). Training steps are timed model by model; the prefills of
 are timed in interleaved rounds, so drifts of host speed or GPU clocks hit every method alike, after a few
 seconds of GPU warm-up. A prefill of 2048 tokens through 112 adapted layers is partly launch-bound in eager
 mode, so wall time depends on the host CPU: gpu_kernel_ms (the summed kernel time from the profiler) is what
-the GPU itself must do, and gpu_vs_base its ratio. peak_mem_gb is the CUDA peak of that method alone (weights,
+the GPU itself must do (for training steps too), gpu_vs_base its ratio to the base and gpu_vs_athena_lora_train
+the training step's to Athena LoRA's. peak_mem_gb is the CUDA peak of that method alone (weights,
 optimizer state and activations; null on a CPU). Every method gets a freshly built model with the same seed.
 
     python bench/adapters.py --out bench/results/adapters.json          # GPU (~2-3 min on one H100)
@@ -197,7 +198,8 @@ def measure_train(impl: str, method: str, args, config, device, dtype, ids) -> t
     for _ in range(args.warmup):
         train_step()
     times = [time_once(train_step, cuda) for _ in range(args.steps)]
-    record = {**common, "mode": "train", "step_ms": statistics.median(times), "peak_mem_gb": peak_since(device, before)}
+    record = {**common, "mode": "train", "step_ms": statistics.median(times), "gpu_kernel_ms": kernel_ms(train_step, cuda),
+              "peak_mem_gb": peak_since(device, before)}
     del optimizer, params
     for p in model.parameters():
         p.grad = None
@@ -245,8 +247,8 @@ def time_prefills(models: dict, mode: str, args, device, ids, commons: dict, not
 def add_ratios(records: list[dict]) -> None:
     base = {r["mode"]: r for r in records if r["impl"] == "base"}
     peft_train = next((r["step_ms"] for r in records if r["impl"] == "peft" and r["mode"] == "train"), None)
-    lora_train = next((r["step_ms"] for r in records if r["impl"] == "athena" and r["method"] == "lora"
-                       and r["mode"] == "train"), None)
+    lora = next((r for r in records if r["impl"] == "athena" and r["method"] == "lora" and r["mode"] == "train"), {})
+    lora_train, lora_gpu = lora.get("step_ms"), lora.get("gpu_kernel_ms")
     for r in records:
         ref = base.get("train" if r["mode"] == "train" else "infer_unmerged")
         if ref:
@@ -255,6 +257,8 @@ def add_ratios(records: list[dict]) -> None:
                 r["gpu_vs_base"] = r["gpu_kernel_ms"] / ref["gpu_kernel_ms"]
         if r["mode"] == "train" and lora_train and r["impl"] == "athena":
             r["vs_athena_lora_train"] = r["step_ms"] / lora_train
+            if r.get("gpu_kernel_ms") and lora_gpu:
+                r["gpu_vs_athena_lora_train"] = r["gpu_kernel_ms"] / lora_gpu
         if r["mode"] == "train" and peft_train and r["impl"] != "base":
             r["vs_peft_lora_train"] = r["step_ms"] / peft_train
 

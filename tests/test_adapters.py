@@ -574,6 +574,9 @@ def test_adapter_forward_adds_few_kernels():
     for experts in (4, 16):
         ops = _extra_ops(PolyAdapter(nn.Linear(16, 32), use_lora=False, use_moe=True, num_experts=experts), x)
         assert len(ops) <= 8 and ops.count("mm") == 2 and ops[-1] == "addmm_", ops
+    # A bf16 layer runs the same kernels: no per-call casts of the logits or gates (router_loss casts once).
+    bf16 = PolyAdapter(nn.Linear(16, 32).bfloat16(), use_lora=False, use_moe=True)
+    assert "_to_copy" not in _extra_ops(bf16, x.bfloat16()) and len(_extra_ops(bf16, x.bfloat16())) <= 8
 
 
 def test_router_loss_never_waits_for_the_device_and_does_not_grow_with_layers():

@@ -153,17 +153,16 @@ class PolyAdapter(nn.Module):
 
     def route(self, x2: torch.Tensor, dtype: torch.dtype = torch.float32
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x2 (N, in) -> gates (N, E) in `dtype` (zero outside each token's top-k), router logits (N, E) float32,
-        top-k ids (N, k)."""
+        """x2 (N, in) -> gates (N, E) in `dtype` (zero outside each token's top-k), router logits (N, E) in the
+        compute dtype (router_loss takes them to float32), top-k ids (N, k)."""
         logits = F.linear(x2, self.router.weight)
-        if logits.dtype != torch.float32:
-            logits = logits.float()
         if self.top_k > 1:
             # The softmax renormalised over the chosen experts IS the softmax of their logits: no full softmax.
+            # Softmax accumulates in float32 whatever the input dtype, so the logits are not cast per call.
             top_logits, top_i = logits.topk(self.top_k, dim=-1)
             top_p = top_logits.softmax(-1)
         else:  # k=1 keeps the raw probability (Switch), so the router still gets a gradient from the task loss
-            top_p, top_i = logits.softmax(-1).topk(1, dim=-1)
+            top_p, top_i = logits.softmax(-1, dtype=torch.float32).topk(1, dim=-1)
         gates = logits.new_zeros(logits.shape, dtype=dtype).scatter_(
             1, top_i, top_p if top_p.dtype == dtype else top_p.to(dtype))
         return gates, logits, top_i
@@ -276,7 +275,7 @@ class PolyAdapter(nn.Module):
 
 def router_loss(calls: list[tuple[torch.Tensor, torch.Tensor]], aux_weight: float, z_weight: float
                 ) -> torch.Tensor | None:
-    """Sum over router calls (logits (N, E) float32, top-k ids (N, k)) of
+    """Sum over router calls (logits (N, E), top-k ids (N, k)) of
         aux_weight * E * sum_e (fraction of the N*k routed slots that went to e) * (mean router prob of e)
       + z_weight * mean_n logsumexp(logits_n)^2
     (Switch load balancing, 1 when uniform; ST-MoE z-loss). Calls of the same shape are stacked and done in one
@@ -284,10 +283,11 @@ def router_loss(calls: list[tuple[torch.Tensor, torch.Tensor]], aux_weight: floa
     would wait for the GPU."""
     groups: dict[tuple, list] = {}
     for logits, top_i in calls:
-        groups.setdefault((tuple(logits.shape), top_i.shape[1], logits.device), []).append((logits, top_i))
+        groups.setdefault((tuple(logits.shape), top_i.shape[1], logits.device, logits.dtype), []).append((logits, top_i))
     total = None
-    for ((n, e), k, _), group in groups.items():
+    for ((n, e), k, _, _), group in groups.items():
         logits = torch.stack([c[0] for c in group]) if len(group) > 1 else group[0][0][None]  # (C, N, E)
+        logits = logits.float()  # one cast for the whole group (a no-op when they are float32 already)
         top_i = torch.stack([c[1] for c in group]) if len(group) > 1 else group[0][1][None]  # (C, N, k)
         counts = torch.zeros_like(logits).scatter_(2, top_i, 1.0).sum(1)  # (C, E) slots per expert
         balance = (counts * logits.softmax(-1).sum(1)).sum() * (aux_weight * e / (n * n * k))
