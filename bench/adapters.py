@@ -18,6 +18,8 @@ the training step's to Athena LoRA's. peak_mem_gb is the CUDA peak of that metho
 optimizer state and activations; null on a CPU). Every method gets a freshly built model with the same seed.
 
     python bench/adapters.py --out bench/results/adapters.json          # GPU (~2-3 min on one H100)
+    python bench/adapters.py --compile --compile-mode reduce-overhead --only base:none,athena:lora,athena:moe \
+        --out bench/results/adapters_cudagraphs.json                    # compiled + CUDA graphs: no launch overhead
     python bench/adapters.py --tiny --out /tmp/adapters_tiny.json       # CPU plumbing check, seconds
 
 Needs torch, transformers and peft; not Hydra.
@@ -178,14 +180,19 @@ def measure_train(impl: str, method: str, args, config, device, dtype, ids) -> t
     total = sum(p.numel() for p in model.parameters())
     common = dict(impl=impl, method=method, device=args.device_name, model=args.model_name, rank=args.rank,
                   batch=args.batch, seq=args.seq, dtype=str(dtype).removeprefix("torch."),
-                  trainable_params=trainable, total_params=total, base_params=total_base, compiled=args.compile)
-    # --compile: torch.compile fuses each wrapper's few small kernels and removes the Python launch overhead.
-    run = torch.compile(model) if args.compile else model
+                  trainable_params=trainable, total_params=total, base_params=total_base, compiled=args.compile,
+                  **({"compile_mode": args.compile_mode} if args.compile else {}))
+    # --compile: torch.compile fuses each wrapper's few small kernels and removes the Python dispatch overhead;
+    # --compile-mode reduce-overhead also replays the kernels as CUDA graphs, removing the launch overhead.
+    run = torch.compile(model, mode=args.compile_mode) if args.compile else model
+    graphs = args.compile and "reduce-overhead" in args.compile_mode
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
     def train_step():
+        if graphs:  # a new iteration: the last step's graph outputs may be overwritten now
+            torch.compiler.cudagraph_mark_step_begin()
         loss = run(input_ids=ids, labels=ids, use_cache=False).loss
         if aux_loss is not None:
             router = aux_loss(model)
@@ -217,7 +224,7 @@ def time_prefills(models: dict, mode: str, args, device, ids, commons: dict, not
     cuda = device.type == "cuda"
     fns = {}
     for key, model in models.items():
-        forward = torch.compile(model) if args.compile else model
+        forward = torch.compile(model, mode=args.compile_mode) if args.compile else model
 
         def prefill(forward=forward):
             with torch.inference_mode():
@@ -266,7 +273,7 @@ def add_ratios(records: list[dict]) -> None:
 def write(records: list[dict], args) -> None:
     """(Re)write the results file; called after every phase so a cut-off run keeps what it measured."""
     add_ratios(records)
-    meta = {"torch": torch.__version__, "tiny": args.tiny, "compiled": args.compile,
+    meta = {"torch": torch.__version__, "tiny": args.tiny, "compiled": args.compile, "compile_mode": args.compile_mode if args.compile else None,
             "timing": f"median of {args.steps} after {args.warmup} warm-up; prefills interleaved across methods"}
     try:
         import peft
@@ -290,6 +297,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed repetitions, default 20 (tiny: 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed repetitions first, default 5 (tiny: 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (warm-up untimed)")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                        help="with --compile: torch.compile's mode (reduce-overhead = CUDA graphs)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a kernel table of the unmerged prefill per method to DIR")
     parser.add_argument("--only", default=None, help="comma list of impl:method, e.g. base:none,peft:lora,athena:moe")
