@@ -20,6 +20,8 @@ optimizer state and activations; null on a CPU). Every method gets a freshly bui
     python bench/adapters.py --out bench/results/adapters.json          # GPU (~2-3 min on one H100)
     python bench/adapters.py --compile --compile-mode reduce-overhead --only base:none,athena:lora,athena:moe \
         --out bench/results/adapters_cudagraphs.json                    # compiled + CUDA graphs: no launch overhead
+    python bench/adapters.py --compile --compile-mode reduce-overhead --prefill-only --only base:none,peft:lora,athena:lora \
+        --out bench/results/adapters_cudagraphs_prefill.json            # the same for the prefills alone
     python bench/adapters.py --tiny --out /tmp/adapters_tiny.json       # CPU plumbing check, seconds
 
 Needs torch, transformers and peft; not Hydra.
@@ -182,6 +184,8 @@ def measure_train(impl: str, method: str, args, config, device, dtype, ids) -> t
                   batch=args.batch, seq=args.seq, dtype=str(dtype).removeprefix("torch."),
                   trainable_params=trainable, total_params=total, base_params=total_base, compiled=args.compile,
                   **({"compile_mode": args.compile_mode} if args.compile else {}))
+    if args.prefill_only:
+        return model.eval(), None, common
     # --compile: torch.compile fuses each wrapper's few small kernels and removes the Python dispatch overhead;
     # --compile-mode reduce-overhead also replays the kernels as CUDA graphs, removing the launch overhead.
     run = torch.compile(model, mode=args.compile_mode) if args.compile else model
@@ -301,6 +305,7 @@ def main() -> None:
                         help="with --compile: torch.compile's mode (reduce-overhead = CUDA graphs)")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also write a kernel table of the unmerged prefill per method to DIR")
+    parser.add_argument("--prefill-only", action="store_true", help="skip the training steps, time the prefills")
     parser.add_argument("--only", default=None, help="comma list of impl:method, e.g. base:none,peft:lora,athena:moe")
     args = parser.parse_args()
     args.batch = args.batch or (2 if args.tiny else 4)
@@ -332,6 +337,8 @@ def main() -> None:
         start = time.time()
         model, record, common = measure_train(impl, method, args, config, device, dtype, ids)
         models[(impl, method)], commons[(impl, method)] = model, common
+        if record is None:  # --prefill-only
+            continue
         records.append(record)
         print(f"{impl:>6} {method:<6} train {record['step_ms']:.1f} ms"
               + (f" {record['peak_mem_gb']:.2f} GB" if record["peak_mem_gb"] is not None else "")

@@ -132,3 +132,17 @@ def test_adapter_bench_runs_at_toy_size_and_records_every_mode(tmp_path):
     assert 0 < lora["trainable_params"] < lora["total_params"] and lora["vs_athena_lora_train"] == 1.0
     moe = next(r for r in records if r["method"] == "moe" and r["mode"] == "infer_merged")
     assert "experts" in moe["note"]  # experts cannot merge, and the record says so
+
+
+def test_adapter_bench_prefill_only_skips_training(tmp_path):
+    """--prefill-only (used with CUDA graphs, where compiling the training steps too would not fit a device call)
+    records only the two prefill modes, still with ratios against the base."""
+    out = tmp_path / "adapters.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/adapters.py"), "--tiny", "--steps", "2", "--out", str(out),
+                           "--prefill-only", "--only", "base:none,athena:lora"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert sorted((r["impl"], r["mode"]) for r in records) == [
+        ("athena", "infer_merged"), ("athena", "infer_unmerged"), ("base", "infer_merged"), ("base", "infer_unmerged")]
+    assert all(r["vs_base"] > 0 for r in records)
