@@ -146,3 +146,19 @@ def test_adapter_bench_prefill_only_skips_training(tmp_path):
     assert sorted((r["impl"], r["mode"]) for r in records) == [
         ("athena", "infer_merged"), ("athena", "infer_unmerged"), ("base", "infer_merged"), ("base", "infer_unmerged")]
     assert all(r["vs_base"] > 0 for r in records)
+
+
+def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
+    """bench/saved_activations.py on a toy TRM step: the saved bytes grow with the batch, and the float32 residual
+    stream (B, L, hidden) that explains Athena's memory gap to the official TRM shows up in the table."""
+    def per_sample_mb(batch):
+        proc = subprocess.run([sys.executable, str(ROOT / "bench/saved_activations.py"), "--tiny", "--eager",
+                               "--batch", str(batch), "--top", "50"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return float(proc.stdout.split(": ")[1].split(" MB")[0]), proc.stdout
+
+    mb2, _ = per_sample_mb(2)
+    mb4, table4 = per_sample_mb(4)
+    assert 0 < 2 * mb2 < 4 * mb4  # more samples, more saved bytes in all
+    assert "| float32 | (4, 83, 32) |" in table4
