@@ -7,6 +7,7 @@ is impossible (negative lr, zero cycles, ...). Every `_target_` node keeps its n
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -244,3 +245,16 @@ def validate_config(config: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(config)
     except ValidationError as error:
         raise ConfigError(_describe(error)) from None
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """The resolved config tree that `pretrain.py OVERRIDES...` would run with, as a plain dict (not validated),
+    for scripts that build runs without going through Hydra's command line."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)

@@ -172,7 +172,8 @@ def profile_prefill(fn, cuda: bool, path: Path) -> None:
 
 
 def measure_train(impl: str, method: str, args, config, device, dtype, ids) -> tuple:
-    """Build the model with the method on it and time its training step; returns (model, train record, common)."""
+    """Build the model with the method on it and time its training step (not with --prefill-only: record None);
+    returns (model, train record, common)."""
     cuda = device.type == "cuda"
     before = reset_peak(device)
     model = build_base(config, device, dtype)

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def tally(fn) -> dict[tuple[str, tuple[int, ...]], int]:
-    """Run fn() and return {(dtype, shape): bytes} over the unique storages autograd saved during it."""
+def tally(fn):
+    """Run fn(); returns ({(dtype, shape): bytes} over the unique storages autograd saved during it, fn's result)."""
     seen: dict[int, tuple[int, str, tuple[int, ...]]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -35,11 +35,11 @@ def tally(fn) -> dict[tuple[str, tuple[int, ...]], int]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+        result = fn()
     groups: dict[tuple[str, tuple[int, ...]], int] = {}
     for nbytes, dtype, shape in seen.values():
         groups[(dtype, shape)] = groups.get((dtype, shape), 0) + nbytes
-    return groups
+    return groups, result
 
 
 def athena_step(args):
@@ -100,10 +100,9 @@ def main() -> None:
         loss = step()
         if loss is not None:
             loss.backward()
-    results = {}
-    groups = tally(lambda: results.setdefault("loss", step()))
-    if results["loss"] is not None:
-        results["loss"].backward()
+    groups, loss = tally(step)
+    if loss is not None:
+        loss.backward()
     total = sum(groups.values())
     stream = f" stream={args.stream_dtype}" if args.impl == "athena" else ""
     print(f"{args.impl} {args.mixer} adapter={args.adapter}{stream} {'eager' if args.eager else 'compiled'} batch {args.batch}: "

@@ -78,17 +78,11 @@ def export_weights(checkpoint: Path, out: Path) -> None:
 
 
 def wrap_weights(weights: Path, out: Path, overrides: list[str]) -> None:
-    import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    from athena.config import validate_config
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from athena.config import compose_config, validate_config
     from athena.training.checkpoint import FORMAT, atomic_save, load_checkpoint
 
-    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
-        config = OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+    config = compose_config(overrides)
     validate_config(config)
     state = load_checkpoint(weights)
     if state["format"] != "weights-only":

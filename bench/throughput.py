@@ -85,18 +85,15 @@ def sync() -> None:
 
 
 def athena_config(recipe: str, overrides: list[str], steps: int) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from athena.config import compose_config
 
     spec = RECIPES[recipe]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "experiment=sudoku_extreme_1k", f"arch={spec['arch']}", "data=synthetic",
-            f"data.build.seq_len={spec['seq_len']}", f"data.build.vocab_size={spec['vocab_size']}",
-            f"train.global_batch_size={spec['batch']}", f"train.steps={steps}", "train.epochs=null",
-            "train.eval_every=null", "train.checkpoint_every=null", "train.lr_warmup_steps=0",
-            *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return compose_config([
+        "experiment=sudoku_extreme_1k", f"arch={spec['arch']}", "data=synthetic",
+        f"data.build.seq_len={spec['seq_len']}", f"data.build.vocab_size={spec['vocab_size']}",
+        f"train.global_batch_size={spec['batch']}", f"train.steps={steps}", "train.epochs=null",
+        "train.eval_every=null", "train.checkpoint_every=null", "train.lr_warmup_steps=0",
+        *overrides])
 
 
 def time_athena(recipe: str, warmup: int, steps: int, overrides: list[str], profile_dir: Path | None) -> dict:

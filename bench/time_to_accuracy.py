@@ -23,14 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def composed(overrides: list[str]) -> dict:
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-
-
 def curve(metrics: Path, start: float) -> list[dict]:
     """[{minutes, step, exact, token, n, final}] for every eval record of a metrics.jsonl."""
     points = []
@@ -95,11 +87,11 @@ def main() -> None:
                  f"train.max_minutes={args.minutes}", f"train.eval_every={args.eval_every}",
                  f"train.eval_examples={args.eval_examples}", "train.checkpoint_every=null", *args.overrides]
 
-    from athena.config import validate_config
+    from athena.config import compose_config, validate_config
     from athena.data.build import ensure_dataset
     from athena.training.recipe import dataset_dir
 
-    cfg = validate_config(composed(overrides))
+    cfg = validate_config(compose_config(overrides))
     build_start = time.time()
     ensure_dataset(dataset_dir(cfg), dict(cfg.data.build))
     build_s = time.time() - build_start

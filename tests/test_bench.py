@@ -114,15 +114,20 @@ def test_adaptation_study_runs_end_to_end_at_toy_size_from_exported_weights(tmp_
     assert (tmp_path / "runs" / "adapt_hybrid" / "metrics.jsonl").is_file()  # runs go to RUNS, not the repo
 
 
+def run_adapters_bench(tmp_path, *args: str) -> list[dict]:
+    """bench/adapters.py --tiny on the CPU with `args`; returns its records."""
+    out = tmp_path / "adapters.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/adapters.py"), "--tiny", "--steps", "2", "--out", str(out),
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["records"]
+
+
 def test_adapter_bench_runs_at_toy_size_and_records_every_mode(tmp_path):
     """bench/adapters.py --tiny (CPU): base, peft LoRA and Athena LoRA/moe, each with a train, an unmerged and a
     merged record carrying the fields docs/benchmarks.md reads; ratios are against the base."""
-    out = tmp_path / "adapters.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/adapters.py"), "--tiny", "--steps", "2", "--out", str(out),
-                           "--only", "base:none,peft:lora,athena:lora,athena:moe"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads(out.read_text())["records"]
+    records = run_adapters_bench(tmp_path, "--only", "base:none,peft:lora,athena:lora,athena:moe")
     keys = {(r["impl"], r["method"], r["mode"]) for r in records}
     for impl, method in [("base", "none"), ("peft", "lora"), ("athena", "lora"), ("athena", "moe")]:
         assert {(impl, method, m) for m in ("train", "infer_unmerged", "infer_merged")} <= keys
@@ -137,12 +142,7 @@ def test_adapter_bench_runs_at_toy_size_and_records_every_mode(tmp_path):
 def test_adapter_bench_prefill_only_skips_training(tmp_path):
     """--prefill-only (used with CUDA graphs, where compiling the training steps too would not fit a device call)
     records only the two prefill modes, still with ratios against the base."""
-    out = tmp_path / "adapters.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench/adapters.py"), "--tiny", "--steps", "2", "--out", str(out),
-                           "--prefill-only", "--only", "base:none,athena:lora"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = json.loads(out.read_text())["records"]
+    records = run_adapters_bench(tmp_path, "--prefill-only", "--only", "base:none,athena:lora")
     assert sorted((r["impl"], r["mode"]) for r in records) == [
         ("athena", "infer_merged"), ("athena", "infer_unmerged"), ("base", "infer_merged"), ("base", "infer_unmerged")]
     assert all(r["vs_base"] > 0 for r in records)
