@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from conftest import ROOT, run_script
+from conftest import ONE_THREAD_ENV, ROOT, run_script
 from athena.training.checkpoint import step_files
 
 OVERRIDES = ("experiment=smoke", "train.steps=60", "train.checkpoint_every=3", "train.log_every=3",
@@ -20,7 +20,8 @@ OVERRIDES = ("experiment=smoke", "train.steps=60", "train.checkpoint_every=3", "
 
 
 def _start(run_dir, data_root) -> subprocess.Popen:
-    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    env = {**os.environ, **ONE_THREAD_ENV, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "",
+           "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), *OVERRIDES, f"hydra.run.dir={run_dir}",
                              "resume=auto"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -62,7 +63,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_root):
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tmp_path, data_root):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    env = {**os.environ, **ONE_THREAD_ENV, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "",
+           "WANDB_MODE": "disabled"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "experiment=smoke", "train.steps=100000",
                              "train.checkpoint_every=null", "train.eval_every=null", f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
