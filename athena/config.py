@@ -45,7 +45,7 @@ class TRMArch(TargetNode):
     gradient_checkpointing: bool = False
     loss_type: Literal["stablemax", "softmax"] = "stablemax"
     puzzle_emb_dim: int | None = Field(default=None, gt=0)
-    stream_dtype: Literal["float32", "autocast"] = "float32"
+    stream_dtype: Literal["float32", "autocast"] = "autocast"
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> TRMArch:

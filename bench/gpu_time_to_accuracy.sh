@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # bench/time_to_accuracy.py on the GPU as ONE continuous run that outlives a single 10-minute device command:
-#   bash bench/gpu_time_to_accuracy.sh start [MINUTES]   launch it detached (setsid), then follow it for 9 min
+#   bash bench/gpu_time_to_accuracy.sh start [MINUTES] [OVERRIDES...]   launch it detached (setsid), then follow
+#                                                         it for 9 min; OVERRIDES go to pretrain.py (arch.x=y)
 #   bash bench/gpu_time_to_accuracy.sh follow            follow it until it ends (or 9 min), in the next command
 # Each call copies what exists so far (tta.json, tta.png, metrics.jsonl, the log's tail) to $OUT.
 # Start it on a FRESH device machine: a machine goes back 30 minutes after it was started, whatever runs on it
@@ -13,7 +14,7 @@ export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 if [ "${1:-follow}" = start ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$RUN/device.txt"
   setsid nohup python3 bench/time_to_accuracy.py --minutes "${2:-20}" --out "$RUN/out" --run-dir "$RUN/run" \
-    > "$RUN/log.txt" 2>&1 < /dev/null &
+    "${@:3}" > "$RUN/log.txt" 2>&1 < /dev/null &
   sleep 5
 fi
 end=$((SECONDS + 540))

@@ -6,7 +6,7 @@ groups them by dtype and shape.
 
     python bench/saved_activations.py                           # Athena TRM-MLP, compiled, bf16 autocast, batch 24
     python bench/saved_activations.py --impl official           # the official TRM-MLP (code under .ref/official)
-    python bench/saved_activations.py --stream-dtype autocast   # Athena with arch.stream_dtype=autocast
+    python bench/saved_activations.py --stream-dtype float32    # Athena with arch.stream_dtype=float32 (fp32 stream)
     python bench/saved_activations.py --adapter poly --eager    # an adapter on Athena's TRM (eager)
     python bench/saved_activations.py --tiny                    # toy size (plumbing check, seconds)
 
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--impl", choices=["athena", "official"], default="athena")
     parser.add_argument("--mixer", choices=["mlp", "attention"], default="mlp")
     parser.add_argument("--adapter", default="none", help="athena only: none | lora | ia3 | moe | poly | hybrid")
-    parser.add_argument("--stream-dtype", choices=["float32", "autocast"], default="float32",
+    parser.add_argument("--stream-dtype", choices=["float32", "autocast"], default="autocast",
                         help="athena only: arch.stream_dtype (autocast = bf16 states and residual stream)")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--eager", action="store_true", help="no torch.compile")

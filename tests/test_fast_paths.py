@@ -35,7 +35,7 @@ def test_bf16_stream_tracks_fp32(mixer):
     the same function within the bf16 tolerance above, the carry comes back in bf16, gradients reach every
     parameter; without autocast the option changes nothing at all."""
     batch = make_batch(8, seed=2)
-    ref, model = small_model(mixer=mixer), small_model(mixer=mixer, stream_dtype="autocast")
+    ref, model = small_model(mixer=mixer, stream_dtype="float32"), small_model(mixer=mixer, stream_dtype="autocast")
     model.load_state_dict(ref.state_dict())
     _, fp32 = ref(ref.initial_carry(batch), batch)
     _, same = model(model.initial_carry(batch), batch)
@@ -52,7 +52,7 @@ def test_bf16_stream_tracks_fp32(mixer):
 
 
 def test_compiled_bf16_stream_saves_no_float32_stream():
-    """The memory point of stream_dtype="autocast": compiled (as in training), the float32 default saves the
+    """The memory point of stream_dtype="autocast": compiled (as in training), the float32 option saves the
     residual stream (B, L, hidden) in float32 for backward; the bf16 stream saves none of it in float32."""
     batch = make_batch(8, seed=2)
 
