@@ -416,6 +416,7 @@ class PretrainRecipe:
             carry = self.carries[i] or self.model.initial_carry(part)
             with self.autocast():
                 self.carries[i], out = self.forward(carry, part)
+            del carry  # the old carry is dead: let backward run without it (the official's step does the same)
             loss = out.loss
             if self.adapter_on:
                 # Router losses are means over tokens; our loss is a SUM over samples (divided by the global batch
