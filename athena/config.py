@@ -80,6 +80,7 @@ class AdapterNode(Strict):
     use_lora: bool | None = None
     use_ia3: bool | None = None
     use_moe: bool | None = None
+    ia3_recompute: bool = False
     num_experts: int = Field(default=4, ge=1)
     top_k: int = Field(default=2, ge=1)
     expert_rank: int | None = Field(default=None, gt=0)

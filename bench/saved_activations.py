@@ -8,6 +8,7 @@ groups them by dtype and shape.
     python bench/saved_activations.py --impl official           # the official TRM-MLP (code under .ref/official)
     python bench/saved_activations.py --stream-dtype float32    # Athena with arch.stream_dtype=float32 (fp32 stream)
     python bench/saved_activations.py --adapter poly --eager    # an adapter on Athena's TRM (eager)
+    python bench/saved_activations.py --adapter poly --eager --ia3-recompute   # IA3 recomputes base(x) in backward
     python bench/saved_activations.py --tiny                    # toy size (plumbing check, seconds)
 
 Runs on the CPU (compilation needs a C++ compiler there); the tally is the same on a GPU up to allocator
@@ -55,7 +56,7 @@ def athena_step(args):
         from athena.adapters import AdapterConfig, add_adapters
 
         model = add_adapters(model, AdapterConfig(method=args.adapter, rank=8, alpha=16, num_experts=4, top_k=2,
-                                                  bottleneck_size=64))
+                                                  bottleneck_size=64, ia3_recompute=args.ia3_recompute))
     gen = torch.Generator().manual_seed(0)
     batch = {"inputs": torch.randint(1, 11, (args.batch, 81), generator=gen),
              "labels": torch.randint(2, 11, (args.batch, 81), generator=gen),
@@ -88,6 +89,7 @@ def main() -> None:
     parser.add_argument("--adapter", default="none", help="athena only: none | lora | ia3 | moe | poly | hybrid")
     parser.add_argument("--stream-dtype", choices=["float32", "autocast"], default="autocast",
                         help="athena only: arch.stream_dtype (autocast = bf16 states and residual stream)")
+    parser.add_argument("--ia3-recompute", action="store_true", help="athena adapters: adapter.ia3_recompute=true")
     parser.add_argument("--batch", type=int, default=24)
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--tiny", action="store_true", help="toy-size Athena model")
@@ -105,7 +107,7 @@ def main() -> None:
         loss.backward()
     total = sum(groups.values())
     stream = f" stream={args.stream_dtype}" if args.impl == "athena" else ""
-    print(f"{args.impl} {args.mixer} adapter={args.adapter}{stream} {'eager' if args.eager else 'compiled'} batch {args.batch}: "
+    print(f"{args.impl} {args.mixer} adapter={args.adapter}{' ia3_recompute' if args.ia3_recompute else ''}{stream} {'eager' if args.eager else 'compiled'} batch {args.batch}: "
           f"{total / args.batch / 2**20:.1f} MB saved per sample ({len(groups)} dtype/shape groups)")
     print("| dtype | shape | MB per sample |\n|---|---|---|")
     for (dtype, shape), nbytes in sorted(groups.items(), key=lambda kv: -kv[1])[: args.top]:

@@ -514,6 +514,32 @@ def test_autocast_saves_one_copy_of_the_input():
     assert len(copies) == 1 and x.grad is not None
 
 
+@pytest.mark.parametrize("parts", [dict(use_lora=False), dict(use_lora=True, use_moe=True)], ids=["ia3", "poly"])
+def test_ia3_recompute_gives_the_same_gradients_and_saves_no_base_output(parts):
+    """ia3_recompute=True recomputes base(x) in backward for IA3's gradient: same output and gradients, and the
+    (tokens, out) base output is no longer among the tensors saved for backward."""
+    x = torch.randn(5, 7, 16)
+    results, saved = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = PolyAdapter(nn.Linear(16, 48), rank=4, use_ia3=True, ia3_recompute=recompute, **parts)
+        layer.base_layer.requires_grad_(False)
+        with torch.no_grad():
+            layer.ia3_l.uniform_(0.5, 1.5)
+            if layer.lora_B is not None:
+                layer.lora_B.weight.normal_(std=0.1)
+        xi = x.clone().requires_grad_(True)
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            y = layer(xi)
+        (y * torch.linspace(-1, 1, 48)).sum().backward()
+        results.append([y.detach(), xi.grad] + [p.grad for p in layer.adapter_parameters()])
+        saved.append(shapes)
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-6)
+    assert (35, 48) in saved[0] and (35, 48) not in saved[1]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
 def test_cuda_bf16_autocast_and_int8_base(method):

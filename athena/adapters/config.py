@@ -39,6 +39,7 @@ class AdapterConfig:
     use_lora: bool | None = None  # None = implied by method
     use_ia3: bool | None = None
     use_moe: bool | None = None
+    ia3_recompute: bool = False  # recompute base(x) in backward instead of saving it for IA3's gradient
     num_experts: int = 4
     top_k: int = 2
     expert_rank: int | None = None  # None -> the module's LoRA rank

@@ -161,6 +161,7 @@ def poly_adapter_for(base: nn.Module, name: str, config: AdapterConfig) -> PolyA
         use_ia3=config.ia3_on, use_moe=config.moe_on, num_experts=config.num_experts, top_k=config.top_k,
         expert_rank=config.expert_rank or rank, use_rslora=config.use_rslora,
         router_aux_weight=config.router_aux_weight, router_z_weight=config.router_z_weight,
+        ia3_recompute=config.ia3_recompute,
     )
 
 

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 def base_dims(layer: nn.Module) -> tuple[int, int, bool]:
@@ -59,14 +60,19 @@ class PolyAdapter(nn.Module):
         use_rslora: bool = False,
         router_aux_weight: float = 0.01,
         router_z_weight: float = 0.001,
+        ia3_recompute: bool = False,
         *,
         k: int | None = None,  # alias of top_k (the issue's name)
     ):
+        """ia3_recompute: in training, recompute base(x) in backward for IA3's gradient instead of saving it: one
+        (tokens, out_features) tensor less per layer for one more base matmul in backward. It pays when x is saved
+        anyway (LoRA or experts on, as in poly) or the layer widens (in < out)."""
         super().__init__()
         top_k = top_k if k is None else k
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = base_dims(base_layer)
         self.use_lora, self.use_ia3, self.use_moe = use_lora, use_ia3, use_moe
+        self.ia3_recompute = ia3_recompute
         self.rank, self.alpha, self.use_rslora = rank, alpha, use_rslora
         self.num_experts, self.top_k = num_experts if use_moe else 0, top_k
         self.expert_rank = (expert_rank or rank) if use_moe else 0
@@ -130,10 +136,11 @@ class PolyAdapter(nn.Module):
             dtype = torch.get_autocast_dtype(x2.device.type)
             if x2.dtype != dtype:
                 x2 = x2.to(dtype)
-        out = self.base_layer(x2)
-        if ia3:
-            scale = self.ia3_l
-            out = out * (scale if scale.dtype == out.dtype else scale.to(out.dtype))
+        if ia3 and self.ia3_recompute and torch.is_grad_enabled():
+            # checkpoint saves x2 (often saved by the LoRA/expert matmuls already) instead of base(x2).
+            out = checkpoint(self._scaled_base, x2, use_reentrant=False, preserve_rng_state=False)
+        else:
+            out = self._scaled_base(x2) if ia3 else self.base_layer(x2)
         if lora or moe:
             # Adapters may live in another dtype than the base (e.g. bf16 adapters over an int8 base).
             adtype = (self.lora_A.weight if self.lora_A is not None else self.expert_A).dtype
@@ -150,6 +157,11 @@ class PolyAdapter(nn.Module):
             if moe:
                 self._add_experts(xa, out)
         return out.view(*lead, self.out_features)
+
+    def _scaled_base(self, x2: torch.Tensor) -> torch.Tensor:
+        """IA3: base(x2) scaled per output feature."""
+        out, scale = self.base_layer(x2), self.ia3_l
+        return out * (scale if scale.dtype == out.dtype else scale.to(out.dtype))
 
     def route(self, x2: torch.Tensor, dtype: torch.dtype = torch.float32
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
