@@ -198,11 +198,6 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
             )
-        if self.compile_mode in ("reduce-overhead", "max-autotune"):
-            # Measured on an H100 (docs/benchmarks.md): the first replay fails with "accessing tensor output of
-            # CUDAGraphs that has been overwritten", because each step's carry is read by the next step.
-            raise ValueError(f"train.compile_mode={self.compile_mode} records CUDA graphs, which overwrite the ACT "
-                             "carry the next step reads; use default or max-autotune-no-cudagraphs")
         if self.parallel == "fsdp" and self.compile:
             raise ValueError("train.compile=true is not supported with train.parallel=fsdp yet; "
                              "use train.compile=false or train.parallel=ddp")

@@ -73,7 +73,6 @@ def test_targets_match_their_signatures(group, option):
     ("train.epochs=3", "set exactly one of train.steps and train.epochs"),
     ("device=tpu", "device must be auto, cpu, cuda or cuda:N"),
     ("train.parallel=zero", "train.parallel: Input should be 'ddp' or 'fsdp'"),
-    ("train.compile_mode=reduce-overhead", "records CUDA graphs, which overwrite the ACT carry"),
 ])
 def test_bad_values_fail_with_one_clear_line(override, expected):
     with pytest.raises(ConfigError) as info:
