@@ -110,9 +110,11 @@ def test_copy_out_copies_every_tensor_of_the_carry_and_keeps_gradients():
     model, batch = _model_and_batch()
     carry, out = model(model.initial_carry(batch), batch)
     copied_carry, copied_out = copy_out((carry, out))
-    for original, copy in ((carry.z_H, copied_carry.z_H), (carry.current_data["inputs"], copied_carry.current_data["inputs"]),
-                           (out.logits, copied_out.logits), (out.metrics["count"], copied_out.metrics["count"])):
-        assert torch.equal(original, copy) and original.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr()
+    pairs = [(carry.z_H, copied_carry.z_H), (carry.current_data["inputs"], copied_carry.current_data["inputs"]),
+             (out.logits, copied_out.logits), (out.metrics["count"], copied_out.metrics["count"])]
+    for original, copy in pairs:
+        assert torch.equal(original, copy)
+        assert original.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr()
     assert type(copied_carry) is type(carry) and copied_carry.halted.dtype == torch.bool
     copied_out.loss.backward()
     assert model.lm_head.weight.grad is not None

@@ -97,7 +97,7 @@ class TinyRecursiveModel(nn.Module):
         stream_dtype: "autocast" (default) casts the states y, z and the input embedding to the autocast dtype (bf16)
         once per step, so the carry and every residual add stay bf16, as the official TRM's forward_dtype=bfloat16
         does: about 2.65 MB/sample less saved for backward on TRM-MLP and half the bytes for the memory-bound
-        norm/residual kernels (H100: -2.2 GB peak, +6% samples/s, same accuracy per step; docs/benchmarks.md).
+        norm/residual kernels (H100, TRM-MLP: -2.5 GB peak, +4% samples/s, same accuracy per step; docs/benchmarks.md).
         "float32" keeps them in float32 while only the matmuls autocast. Without autocast both are the same."""
         super().__init__()
         if puzzle_emb_dim is None:

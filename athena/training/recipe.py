@@ -83,7 +83,7 @@ class CompiledWithFallback:
     CUDA-graph modes (reduce-overhead, max-autotune): each call starts a new graph step and copies the outputs out of
     the graph pool, which the next replay overwrites: the ACT carry returned by one step is the next step's input
     (without the copy the first replay fails with "accessing tensor output of CUDAGraphs that has been overwritten").
-    The copy is two (B, L, hidden) states per step, microseconds on a GPU."""
+    The copy is two (B, L, hidden) states per step: ~150 MB at batch 768 in bf16, ~0.1 ms on an H100 (estimate)."""
 
     def __init__(self, module: torch.nn.Module, mode: str = "default"):
         self.module = module
