@@ -1,6 +1,8 @@
 """Time to accuracy: the paper's Sudoku recipe on our generated hard 9x9 set for a fixed wall-clock budget.
 
     python bench/time_to_accuracy.py --minutes 20 --out bench/results/tta
+    python bench/time_to_accuracy.py --compare "bf16 stream=bench/results/tta_bf16_stream/tta.json" \
+        "fp32 stream=bench/results/tta/tta.json" --out bench/results/tta_bf16_stream   # curves on one plot
 
 One continuous `pretrain.py experiment=sudoku_extreme_1k` run (TRM-MLP, batch 768, bf16, compiled) stopped by
 `train.max_minutes`; it evaluates exact accuracy on a fixed subsample of the test split every --eval-every steps
@@ -58,6 +60,28 @@ def plot(points: list[dict], path: Path, title: str,
     plt.close(fig)
 
 
+def plot_compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
+    """Exact accuracy over minutes of several runs on one axis (e.g. before and after a speed change)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in runs:
+        end = points[-1]
+        ax.plot([p["minutes"] for p in points], [100 * p["exact"] for p in points], "o-",
+                label=f"{label}: {100 * end['exact']:.1f}% at {end['minutes']:.1f} min (step {end['step']})")
+    ax.set_xlabel("wall-clock minutes since launch (start-up, compilation and evals included)", fontsize=9)
+    ax.set_ylabel("test exact accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget (train.max_minutes)")
@@ -68,9 +92,20 @@ def main() -> None:
     parser.add_argument("--replot", type=Path, default=None, metavar="METRICS_JSONL",
                         help="only redraw tta.json/tta.png from a run's metrics.jsonl, timed from its first record "
                              "(for a run whose launcher was cut off before it wrote tta.json)")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="LABEL=TTA_JSON",
+                        help="only draw the exact-accuracy curves of finished runs on one plot, --out/compare.png")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (e.g. arch=athena_trm)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.compare:
+        pairs = [item.split("=", 1) for item in args.compare]
+        for pair in pairs:
+            if len(pair) != 2 or not Path(pair[1]).is_file():
+                sys.exit(f"error: --compare takes LABEL=PATH of a finished run's tta.json; got {'='.join(pair)!r}")
+        runs = [(label, json.loads(Path(file).read_text())["curve"]) for label, file in pairs]
+        plot_compare(runs, args.out / "compare.png")
+        print(f"[tta] wrote {args.out / 'compare.png'}")
+        return
     if args.replot:
         rows = [json.loads(line) for line in args.replot.read_text().splitlines() if line.strip()]
         points = curve(args.replot, rows[0]["time"])

@@ -162,3 +162,18 @@ def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
     mb4, table4 = per_sample_mb(4)
     assert 0 < 2 * mb2 < 4 * mb4  # more samples, more saved bytes in all
     assert "| float32 | (4, 83, 32) |" in table4
+
+
+def test_time_to_accuracy_compare_draws_the_given_runs(tmp_path):
+    """`bench/time_to_accuracy.py --compare LABEL=tta.json ...` puts finished runs' curves on one plot; a missing
+    file stops it."""
+    files = []
+    for name, exact in (("a", [0.0, 0.4, 0.8]), ("b", [0.0, 0.2, 0.7])):
+        curve = [dict(minutes=5.0 * (i + 1), step=1000 * (i + 1), exact=e, token=0.9, n=1000) for i, e in enumerate(exact)]
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(curve=curve)))
+        files.append(f"{name} run={tmp_path / name}.json")
+    script = [sys.executable, str(ROOT / "bench/time_to_accuracy.py"), "--out", str(tmp_path / "out"), "--compare"]
+    subprocess.run(script + files, check=True, capture_output=True, cwd=ROOT)
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 5000
+    missing = subprocess.run(script + [f"c={tmp_path / 'nowhere.json'}"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: --compare takes")
