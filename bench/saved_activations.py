@@ -107,7 +107,9 @@ def main() -> None:
         loss.backward()
     total = sum(groups.values())
     stream = f" stream={args.stream_dtype}" if args.impl == "athena" else ""
-    print(f"{args.impl} {args.mixer} adapter={args.adapter}{' ia3_recompute' if args.ia3_recompute else ''}{stream} {'eager' if args.eager else 'compiled'} batch {args.batch}: "
+    recompute = " ia3_recompute" if args.ia3_recompute else ""
+    print(f"{args.impl} {args.mixer} adapter={args.adapter}{recompute}{stream} {'eager' if args.eager else 'compiled'} "
+          f"batch {args.batch}: "
           f"{total / args.batch / 2**20:.1f} MB saved per sample ({len(groups)} dtype/shape groups)")
     print("| dtype | shape | MB per sample |\n|---|---|---|")
     for (dtype, shape), nbytes in sorted(groups.items(), key=lambda kv: -kv[1])[: args.top]:

@@ -189,7 +189,8 @@ def record(impl: str, recipe: str, variant: str, timing: dict) -> dict:
     return dict(impl=impl, recipe=recipe, variant=variant, device=device_name(), torch=torch.__version__,
                 batch=timing["batch"], compiled=timing["compiled"], compile_mode=timing["compile_mode"],
                 samples_per_s=round(samples_per_s, 1), step_ms=round(1000 * step_s, 2),
-                peak_mem_gb=None if timing["peak_mem_gb"] is None else round(timing["peak_mem_gb"], 2), gflop_per_sample_step=round(flops / 1e9, 2),
+                peak_mem_gb=None if timing["peak_mem_gb"] is None else round(timing["peak_mem_gb"], 2),
+                gflop_per_sample_step=round(flops / 1e9, 2),
                 mfu=round(samples_per_s * flops / peak, 4) if peak else None, timed_steps=timing["steps"])
 
 

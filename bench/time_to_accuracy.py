@@ -39,47 +39,42 @@ def curve(metrics: Path, start: float) -> list[dict]:
     return points
 
 
-def plot(points: list[dict], path: Path, title: str,
-         xlabel: str = "wall-clock minutes since launch (start-up, compilation and evals included)") -> None:
+LAUNCH_CLOCK = "wall-clock minutes since launch (start-up, compilation and evals included)"
+
+
+def draw(series: list[tuple[str, str, list[dict], str]], path: Path, ylabel: str, title: str = "",
+         xlabel: str = LAUNCH_CLOCK) -> None:
+    """Accuracy (%) over minutes: one line per (label, style, points, key) with key "exact" or "token"."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["minutes"] for p in points], [100 * p["exact"] for p in points], "o-", label="exact (puzzle solved)")
-    ax.plot([p["minutes"] for p in points], [100 * p["token"] for p in points], "s--", label="token (cell right)")
+    for label, style, points, key in series:
+        ax.plot([p["minutes"] for p in points], [100 * p[key] for p in points], style, label=label)
     ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot(points: list[dict], path: Path, title: str, xlabel: str = LAUNCH_CLOCK) -> None:
+    """One run: exact and token accuracy."""
+    draw([("exact (puzzle solved)", "o-", points, "exact"), ("token (cell right)", "s--", points, "token")],
+         path, "test accuracy (%)", title, xlabel)
 
 
 def plot_compare(runs: list[tuple[str, list[dict]]], path: Path) -> None:
     """Exact accuracy over minutes of several runs on one axis (e.g. before and after a speed change)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, points in runs:
-        end = points[-1]
-        ax.plot([p["minutes"] for p in points], [100 * p["exact"] for p in points], "o-",
-                label=f"{label}: {100 * end['exact']:.1f}% at {end['minutes']:.1f} min (step {end['step']})")
-    ax.set_xlabel("wall-clock minutes since launch (start-up, compilation and evals included)", fontsize=9)
-    ax.set_ylabel("test exact accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    draw([(f"{label}: {100 * p[-1]['exact']:.1f}% at {p[-1]['minutes']:.1f} min (step {p[-1]['step']})", "o-", p,
+           "exact") for label, p in runs], path, "test exact accuracy (%)")
 
 
 def main() -> None:
