@@ -149,18 +149,24 @@ class TinyRecursiveModel(nn.Module):
 
     # ---- forward pieces, in data-flow order ----
 
-    def embed_input(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor) -> torch.Tensor:
-        """inputs (B, seq_len), puzzle_identifiers (B,) -> x (B, puzzle_emb_len + seq_len, hidden)."""
+    def embed_input(self, inputs: torch.Tensor, puzzle_identifiers: torch.Tensor,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+        """inputs (B, seq_len), puzzle_identifiers (B,) -> x (B, puzzle_emb_len + seq_len, hidden), in `dtype`."""
         x = self.embed_tokens(inputs)  # (B, seq_len, hidden)
+        if dtype is not None:
+            x = x.to(dtype)
         if self.puzzle_embedding is not None:
             x = torch.cat((self.puzzle_embedding(puzzle_identifiers).to(x.dtype), x), dim=1)  # (B, total_len, hidden)
         return self.embed_scale * x
 
-    def reset_slots(self, carry: SupervisionCarry, batch: dict[str, torch.Tensor]):
-        """Slots that halted last call restart: fresh y/z, steps 0, and the new batch's data in that slot."""
+    def reset_slots(self, carry: SupervisionCarry, batch: dict[str, torch.Tensor], dtype: torch.dtype | None = None):
+        """Slots that halted last call restart: fresh y/z (in `dtype`), steps 0, and the new batch's data there."""
         fresh = carry.halted  # (B,)
-        z_H = torch.where(fresh[:, None, None], self.H_init, carry.z_H)  # (B, L, hidden)
-        z_L = torch.where(fresh[:, None, None], self.L_init, carry.z_L)
+        H_init, L_init, z_H, z_L = self.H_init, self.L_init, carry.z_H, carry.z_L
+        if dtype is not None:
+            H_init, L_init, z_H, z_L = H_init.to(dtype), L_init.to(dtype), z_H.to(dtype), z_L.to(dtype)
+        z_H = torch.where(fresh[:, None, None], H_init, z_H)  # (B, L, hidden)
+        z_L = torch.where(fresh[:, None, None], L_init, z_L)
         steps = torch.where(fresh, 0, carry.steps)
         data = {}
         for k, old in carry.current_data.items():
@@ -199,14 +205,19 @@ class TinyRecursiveModel(nn.Module):
         self, carry: SupervisionCarry, batch: dict[str, torch.Tensor]
     ) -> tuple[SupervisionCarry, SupervisionOutput]:
         """One deep-supervision step. batch: inputs (B, seq_len), labels (B, seq_len), puzzle_identifiers (B,)."""
-        z_H, z_L, steps, data = self.reset_slots(carry, batch)
-        x = self.embed_input(data["inputs"], data["puzzle_identifiers"])  # (B, L, hidden)
-        if self.stream_dtype == "autocast" and torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-            z_H, z_L, x = z_H.to(dtype), z_L.to(dtype), x.to(dtype)  # the carry then stays in this dtype too
+        device = carry.z_H.device.type
+        # The stream (states, input embedding, hence the carry) in the autocast dtype from the start: no float32
+        # copies of stream-sized tensors, which the puzzle embedding's graph break would keep alive to the end of
+        # the forward (3 x 153 MB at batch 768, on the peak).
+        stream = torch.get_autocast_dtype(device) if (
+            self.stream_dtype == "autocast" and torch.is_autocast_enabled(device)) else None
+        z_H, z_L, steps, data = self.reset_slots(carry, batch, stream)
+        x = self.embed_input(data["inputs"], data["puzzle_identifiers"], stream)  # (B, L, hidden)
         z_H, z_L = self.recurse(z_H, z_L, x)
 
-        logits = self.lm_head(z_H[:, self.puzzle_emb_len :])  # (B, seq_len, vocab)
+        # Head over all positions, then slice (as the official TRM): the head saves z_H itself for backward, which
+        # the carry holds anyway, instead of a contiguous copy of its puzzle positions (~60 MB at batch 768).
+        logits = self.lm_head(z_H)[:, self.puzzle_emb_len :]  # (B, seq_len, vocab)
         q_halt_logits = self.q_head(z_H[:, 0]).float()[:, 0]  # (B,) read from the first position
         steps = steps + 1
         halted = self.decide_halt(steps, q_halt_logits)
