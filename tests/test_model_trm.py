@@ -279,3 +279,31 @@ def test_softmax_loss_option_and_repr():
     _, out = model(model.initial_carry(batch), batch)
     assert torch.isfinite(out.loss)
     assert "mixer=attention" in repr(model) and "H_cycles=2" in repr(model)
+
+
+@pytest.mark.parametrize("mixer", ["attention", "mlp"])
+def test_padded_eval_batches_give_the_same_result_as_unpadded(mixer):
+    """evaluate_puzzles(pad_to=) pads the short last batch (one shape for a compiled model); the padding rows must
+    count nowhere: every metric and prediction equals the unpadded evaluation's."""
+    from athena.eval.puzzle_eval import evaluate_puzzles, pad_rows
+
+    model = small_model(mixer=mixer)
+    batches = [make_batch(4, seed=1), make_batch(3, seed=2)]
+    for batch in batches:
+        batch["labels"][:, 1:] = -100  # one labelled cell per sequence, so some sequences are exact
+        batch["labels"][:2, 0] = 3  # two certain misses
+    padded = pad_rows(batches[1], 4)
+    assert padded["labels"].shape == (4, SEQ) and (padded["labels"][3] == -100).all()
+    assert (padded["inputs"][3] == 0).all() and torch.equal(padded["inputs"][:3], batches[1]["inputs"])
+
+    def run(pad_to):
+        loader = [{k: v.clone() for k, v in b.items()} for b in batches]
+        return evaluate_puzzles(model, loader, torch.device("cpu"), halt_max_steps=4, keep_predictions=True,
+                                pad_to=pad_to)
+
+    plain, with_padding = run(None), run(4)
+    assert with_padding.count == plain.count == 7
+    assert 0 < plain.exact_accuracy < 1
+    assert with_padding.summary() == plain.summary()  # sums of 0/1 counts: exact
+    assert torch.equal(with_padding.predictions["prediction"], plain.predictions["prediction"])
+    assert sum(with_padding.halt_step_counts) == 7

@@ -577,9 +577,10 @@ class PretrainRecipe:
         distributed.reshard(self.model)
         try:
             with ema:
+                pad_to = self.cfg.train.eval_batch_size // self.dist.world_size  # one shape for the compiled model
                 return evaluate_puzzles(self.forward, self.eval_loader(max_examples), self.device,
                                         halt_max_steps=self.cfg.arch.halt_max_steps, autocast=self.autocast,
-                                        progress=progress)
+                                        progress=progress, pad_to=pad_to if self.cfg.train.compile else None)
         finally:
             distributed.reshard(self.model)
 
