@@ -44,6 +44,12 @@ def test_bf16_stream_tracks_fp32(mixer):
         carry, bf16 = model(model.initial_carry(batch), batch)
         carry, _ = model(carry, batch)  # a carried-over (not fresh) step keeps the dtype
     assert carry.z_H.dtype == carry.z_L.dtype == torch.bfloat16
+    # ... and from the start: the reset states and the input embedding are made in bf16, not cast from float32
+    # copies (on the GPU the puzzle embedding's graph break kept those alive to the end of the forward).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_H, z_L, _, data = model.reset_slots(model.initial_carry(batch), batch, torch.bfloat16)
+        x = model.embed_input(data["inputs"], data["puzzle_identifiers"], torch.bfloat16)
+    assert z_H.dtype == z_L.dtype == x.dtype == torch.bfloat16
     assert abs(bf16.loss.item() - fp32.loss.item()) < 0.02 * abs(fp32.loss.item())
     assert (bf16.logits.float() - fp32.logits).abs().mean() < 0.03 * fp32.logits.abs().max()
     bf16.loss.backward()
