@@ -177,3 +177,44 @@ def test_time_to_accuracy_compare_draws_the_given_runs(tmp_path):
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5000
     missing = subprocess.run(script + [f"c={tmp_path / 'nowhere.json'}"], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines()[-1].startswith("error: --compare takes")
+
+
+def test_official_pipeline_maps_eval_steps_to_epochs_and_reads_its_records():
+    from bench.official_pipeline import curve, epochs_per_eval, train_speed
+
+    assert epochs_per_eval(1000, total_groups=1000) == 768  # 768 epochs x 1000 groups / batch 768 = 1000 steps
+    with pytest.raises(SystemExit, match="pick a multiple of 125 steps"):
+        epochs_per_eval(1001, total_groups=1000)
+    rows = [dict(time=100.0 + step / 5, step=step, **{"train/lm_loss": 1.0}) for step in range(1, 201)]
+    rows.insert(100, {"time": 130.0, "step": 100, "all/exact_accuracy": 0.25, "all/accuracy": 0.8})
+    assert train_speed(rows) == pytest.approx(5.0)  # 5 steps/s between consecutive train logs
+    assert curve(rows, start=70.0, n_test=5000) == [dict(minutes=1.0, step=100, exact=0.25, token=0.8, n=5000)]
+
+
+def test_official_pipeline_without_the_reference_code_stops_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/official_pipeline.py"), "--ref-dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines() == [f"error: no pretrain.py under --ref-dir {tmp_path}; "
+                                                "clone the official TRM repository there"]
+
+
+def test_memory_at_peak_replay_finds_what_was_live_at_the_peak():
+    from bench.memory_at_peak import live_at_peak, report
+
+    MB = 10**6
+    ours = [{"filename": "/usr/lib/python3/site-packages/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": "/repo/athena/models/trm.py", "line": 209, "name": "forward"}]
+    kernel = [{"filename": "/tmp/torchinductor_root/ab/cab.py", "line": 7, "name": "call"}]
+    events = [dict(action="alloc", addr=1, size=100 * MB, frames=ours),
+              dict(action="alloc", addr=2, size=50 * MB, frames=kernel),
+              dict(action="free_requested", addr=1, size=100 * MB),  # not yet returned: still counts
+              dict(action="alloc", addr=3, size=50 * MB, frames=kernel),  # the peak: 1000 + 100 + 50 + 50
+              dict(action="free_completed", addr=1, size=100 * MB),
+              dict(action="free_completed", addr=9, size=400 * MB),  # a block from before the recording
+              dict(action="alloc", addr=4, size=60 * MB, frames=ours)]
+    peak, blocks, before = live_at_peak(events, allocated_before=1000 * MB)
+    assert peak == 1200 * MB and before == 1000 * MB
+    assert blocks == [(100 * MB, "trm.py:209 forward"), (50 * MB, "cab.py:7 call"), (50 * MB, "cab.py:7 call")]
+    text = report(peak, blocks, before, "toy")
+    assert "| 50.00 | 2 | 0.1000 |" in text and "   0.100 GB  cab.py:7 call (50.0 MB)" in text
