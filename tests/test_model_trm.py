@@ -307,3 +307,4 @@ def test_padded_eval_batches_give_the_same_result_as_unpadded(mixer):
     assert with_padding.summary() == plain.summary()  # sums of 0/1 counts: exact
     assert torch.equal(with_padding.predictions["prediction"], plain.predictions["prediction"])
     assert sum(with_padding.halt_step_counts) == 7
+    assert not with_padding.predictions["q_halt_logit"].requires_grad  # evaluation builds no autograd graph

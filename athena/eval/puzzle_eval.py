@@ -44,7 +44,6 @@ class PuzzleEvalResult:
         return {key: value for key, value in self.__dict__.items() if key != "predictions"}
 
 
-@torch.no_grad()
 def pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
     """Pad a batch to `rows` sequences: unlabelled (-100) padding, inputs and puzzle ids 0 (pad token, blank id)."""
     n = batch["labels"].shape[0]
@@ -54,6 +53,7 @@ def pad_rows(batch: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tenso
             for k, v in batch.items()}
 
 
+@torch.no_grad()
 def evaluate_puzzles(model, loader, device: torch.device, *, halt_max_steps: int, autocast=nullcontext,
                      progress: bool = False, keep_predictions: bool = False, pad_to: int | None = None,
                      description: str = "eval") -> PuzzleEvalResult:
@@ -61,7 +61,8 @@ def evaluate_puzzles(model, loader, device: torch.device, *, halt_max_steps: int
 
     pad_to: pad smaller batches (the last one) to this many sequences, which count nowhere. A compiled model
     then sees one shape: without it the last batch costs a second, dynamic-shape compilation (H100, TRM-MLP
-    Sudoku: the first eval of a training run took 94 s without padding, 41 s with it)."""
+    Sudoku: the first eval of a training run took 94 s without padding, 41 s with it, measured while a
+    misplaced decorator still ran evals with autograd on)."""
     was_training = model.training
     model.eval()
     steps = halt_max_steps
