@@ -207,8 +207,8 @@ class TinyRecursiveModel(nn.Module):
         """One deep-supervision step. batch: inputs (B, seq_len), labels (B, seq_len), puzzle_identifiers (B,)."""
         device = carry.z_H.device.type
         # The stream (states, input embedding, hence the carry) in the autocast dtype from the start: no float32
-        # copies of stream-sized tensors, which the puzzle embedding's graph break would keep alive to the end of
-        # the forward (3 x 153 MB at batch 768, on the peak).
+        # copies of stream-sized tensors (three of them, 153 MB each at batch 768, were live at the H100 peak,
+        # outputs of the compiled graphs around the puzzle embedding's graph break; docs/benchmarks.md).
         stream = torch.get_autocast_dtype(device) if (
             self.stream_dtype == "autocast" and torch.is_autocast_enabled(device)) else None
         z_H, z_L, steps, data = self.reset_slots(carry, batch, stream)
