@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import runpy
 import statistics
@@ -54,14 +55,8 @@ def epochs_per_eval(eval_every: int, total_groups: int) -> int:
     epochs = eval_every * BATCH / total_groups
     if epochs != int(epochs):
         raise SystemExit(f"error: --eval-every {eval_every} steps is {epochs:.2f} epochs of {total_groups} groups at "
-                         f"batch {BATCH}; pick a multiple of {total_groups // _gcd(total_groups, BATCH)} steps")
+                         f"batch {BATCH}; pick a multiple of {total_groups // math.gcd(total_groups, BATCH)} steps")
     return int(epochs)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def curve(rows: list[dict], start: float, n_test: int) -> list[dict]:
@@ -80,8 +75,8 @@ def train_speed(rows: list[dict], window: int = 50) -> float | None:
 
 # ------------------------------------------------------------------------------------------------- child process
 
-def _install_stand_ins(metrics_path: str):
-    from references import _shim_einops, _mount_package
+def _install_stand_ins(metrics_path: str) -> list[str]:
+    from references import _shim_einops
 
     from athena.training.optimizers import AdamAtan2
 
@@ -116,15 +111,17 @@ def _install_stand_ins(metrics_path: str):
     argdantic.ArgParser = object
     sys.modules["argdantic"] = argdantic
     shims.append("coolname, argdantic (unused by training)")
-    return shims, _mount_package
+    return shims
 
 
 def child(ref_dir: str, metrics_path: str, overrides: list[str]) -> None:
-    shims, mount = _install_stand_ins(metrics_path)
+    from references import _mount_package
+
+    shims = _install_stand_ins(metrics_path)
     ref_dir = os.path.realpath(ref_dir)
     sys.path.insert(0, ref_dir)
     for pkg in ("models", "dataset", "utils", "evaluators"):  # namespace packages; see references._mount_package
-        mount(pkg, os.path.join(ref_dir, pkg))
+        _mount_package(pkg, os.path.join(ref_dir, pkg))
     print(f"[official] stand-ins: {'; '.join(shims)}", flush=True)
     pretrain = os.path.join(ref_dir, "pretrain.py")
     sys.argv = [pretrain, *overrides]
