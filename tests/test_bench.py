@@ -218,3 +218,16 @@ def test_memory_at_peak_replay_finds_what_was_live_at_the_peak():
     assert blocks == [(100 * MB, "trm.py:209 forward"), (50 * MB, "cab.py:7 call"), (50 * MB, "cab.py:7 call")]
     text = report(peak, blocks, before, "toy")
     assert "| 50.00 | 2 | 0.1000 |" in text and "   0.100 GB  cab.py:7 call (50.0 MB)" in text
+
+
+@pytest.mark.skipif(not (ROOT / ".ref/official/models").is_dir(),
+                    reason="needs the official TRM code in .ref/official (git-ignored, never committed)")
+@pytest.mark.parametrize("mixer", ["mlp", "attention"])
+def test_athena_computes_the_official_trm_step_for_step(mixer):
+    """Same weights, same batch, same seeds: halting, logits, loss and every gradient agree to float32 round-off
+    with the official TRM over several deep-supervision steps (bench/compare_official.py)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/compare_official.py"), "--mixer", mixer, "--steps", "5"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"[compare_official] {mixer}:" in proc.stdout and "same function" in proc.stdout
+    assert proc.stdout.count("(same: True)") == 5
