@@ -47,6 +47,13 @@ def build(official_dir: str, mixer: str):
                                 num_layers=2, H_cycles=TOY["H_cycles"], L_cycles=TOY["L_cycles"],
                                 halt_max_steps=TOY["halt_max_steps"], halt_exploration_prob=0.1,
                                 puzzle_emb_len=TOY["puzzle_emb_len"], mixer=mixer, stream_dtype="float32")
+    # The official zero-initialises its puzzle embedding and Q head (bias -5: nothing halts early); give them values
+    # so that the puzzle-embedding gradient and halting on the Q head's say are exercised too.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        official.model.inner.puzzle_emb.weights.normal_(generator=gen)
+        official.model.inner.q_head.weight.normal_(std=0.3, generator=gen)
+        official.model.inner.q_head.bias.zero_()
     ours = athena.state_dict()
     theirs = {athena_name(k): v for k, v in official.state_dict().items()
               if k.startswith("model.inner.") and "local_" not in k}
@@ -56,15 +63,7 @@ def build(official_dir: str, mixer: str):
     for k, v in theirs.items():
         if v.shape != ours[k].shape:
             raise SystemExit(f"error: {k}: official shape {tuple(v.shape)}, Athena's {tuple(ours[k].shape)}")
-    # The official zero-initialises its puzzle embedding and Q head (bias -5: nothing halts early); give them values
-    # so that the puzzle-embedding gradient and halting on the Q head's say are exercised too.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        official.model.inner.puzzle_emb.weights.normal_(generator=gen)
-        official.model.inner.q_head.weight.normal_(std=0.3, generator=gen)
-        official.model.inner.q_head.bias.zero_()
-        athena.load_state_dict({athena_name(k): v for k, v in official.state_dict().items()
-                                if k.startswith("model.inner.") and "local_" not in k})
+    athena.load_state_dict(theirs)
     return official, athena
 
 

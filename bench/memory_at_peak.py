@@ -92,27 +92,10 @@ def main() -> None:
     from bench import throughput
 
     if args.impl == "athena":
-        from athena.config import validate_config
-        from athena.training.recipe import PretrainRecipe
-        import tempfile
-
-        config = throughput.athena_config(args.recipe, args.override, args.warmup)
-        cfg = validate_config(config)
-        trainer = PretrainRecipe(cfg, Path(tempfile.mkdtemp(prefix="memory_at_peak_")), config)
-        trainer.setup()
-        trainer.total_steps = args.warmup
-        trainer.train()  # compiles
+        trainer = throughput.athena_trainer(args.recipe, args.override, args.warmup, 0)  # warmed up (compiled)
         step = lambda: trainer._train_step(throughput.next_batch(trainer))  # noqa: E731
     else:
-        from bench import references
-
-        spec = throughput.RECIPES[args.recipe]
-        arch = throughput.athena_config(args.recipe, [], 1)["arch"]
-        step, _ = references.build_official_step(
-            args.official_dir, "att" if arch["mixer"] == "attention" else "mlp", seq_len=spec["seq_len"],
-            vocab_size=spec["vocab_size"], batch_size=spec["batch"], num_puzzle_identifiers=2, device="cuda",
-            compile=True, hidden_size=arch["hidden_size"], num_heads=arch["num_heads"], H_cycles=arch["H_cycles"],
-            L_cycles=arch["L_cycles"], puzzle_emb_len=arch["puzzle_emb_len"], halt_max_steps=arch["halt_max_steps"])
+        step, _, _ = throughput.reference_step("official", args.recipe, args.official_dir, compile=True)
         for _ in range(args.warmup):
             step()
     torch.cuda.synchronize()

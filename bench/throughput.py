@@ -96,8 +96,9 @@ def athena_config(recipe: str, overrides: list[str], steps: int) -> dict:
         *overrides])
 
 
-def time_athena(recipe: str, warmup: int, steps: int, overrides: list[str], profile_dir: Path | None) -> dict:
-    """Warm up (compiles), then time `steps` steps of the real training loop."""
+def athena_trainer(recipe: str, overrides: list[str], warmup: int, steps: int):
+    """Athena's real training loop for `recipe`, set up and run for `warmup` steps (compiles); `steps` more may
+    follow (trainer.total_steps = warmup + steps; trainer.train())."""
     import logging
 
     from athena.config import validate_config
@@ -106,11 +107,17 @@ def time_athena(recipe: str, warmup: int, steps: int, overrides: list[str], prof
     logging.basicConfig(level=logging.WARNING)
     config = athena_config(recipe, overrides, warmup + steps)
     cfg = validate_config(config)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_"))
-    trainer = PretrainRecipe(cfg, run_dir, config)
+    trainer = PretrainRecipe(cfg, Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_")), config)
     trainer.setup()
     trainer.total_steps = warmup
     trainer.train()
+    return trainer
+
+
+def time_athena(recipe: str, warmup: int, steps: int, overrides: list[str], profile_dir: Path | None) -> dict:
+    """Warm up (compiles), then time `steps` steps of the real training loop."""
+    trainer = athena_trainer(recipe, overrides, warmup, steps)
+    cfg = trainer.cfg
     sync()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -137,7 +144,8 @@ def next_batch(trainer) -> dict:
     return {k: v.to(trainer.device, non_blocking=True) for k, v in batch.items()}
 
 
-def time_reference(impl: str, recipe: str, warmup: int, steps: int, ref_dir: str, compile: bool) -> dict:
+def reference_step(impl: str, recipe: str, ref_dir: str, compile: bool):
+    """One training step of the official TRM or nano-trm at `recipe`'s sizes (bench/references.py)."""
     from bench import references
 
     spec = RECIPES[recipe]
@@ -149,6 +157,11 @@ def time_reference(impl: str, recipe: str, warmup: int, steps: int, ref_dir: str
                       hidden_size=arch["hidden_size"], num_heads=arch["num_heads"], H_cycles=arch["H_cycles"],
                       L_cycles=arch["L_cycles"], puzzle_emb_len=arch["puzzle_emb_len"],
                       halt_max_steps=arch["halt_max_steps"])
+    return step, spec, arch
+
+
+def time_reference(impl: str, recipe: str, warmup: int, steps: int, ref_dir: str, compile: bool) -> dict:
+    step, spec, arch = reference_step(impl, recipe, ref_dir, compile)
     for _ in range(warmup):
         step()
     sync()
