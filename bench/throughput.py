@@ -174,7 +174,7 @@ def time_reference(impl: str, recipe: str, warmup: int, steps: int, ref_dir: str
     seconds = time.perf_counter() - start
     mode = getattr(step, "info", {}).get("compile_mode", "default")
     peak = torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else float("nan")
-    if "reduce-overhead" in mode:
+    if mode and "reduce-overhead" in mode:
         peak = None  # CUDA graphs allocate their pool during warm-up, so the peak after the reset says nothing
     return dict(seconds=seconds, steps=steps, peak_mem_gb=peak, batch=spec["batch"], arch=arch, compiled=compile,
                 compile_mode=mode)
