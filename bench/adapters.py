@@ -78,16 +78,9 @@ def add_method(model, impl: str, method: str, rank: int):
         return get_peft_model(model, config, autocast_adapter_dtype=False), None
     from athena.adapters import AdapterConfig, adapter_aux_loss, add_adapters
 
-    from athena.adapters import PolyAdapter
-
-    plain_add = method == "lora_addmm"  # LoRA with its inference-time epilogue fusion off: the before/after pair
-    config = AdapterConfig(method="lora" if plain_add else method, rank=rank, alpha=2.0 * rank, num_experts=4,
-                           top_k=2, bottleneck_size=64, target_modules=None if method == "hybrid" else TARGETS)
-    model = add_adapters(model, config)
-    for module in model.modules():
-        if plain_add and isinstance(module, PolyAdapter):
-            module.epilogue_add = False
-    return model, (adapter_aux_loss if method in ("moe", "poly") else None)
+    config = AdapterConfig(method=method, rank=rank, alpha=2.0 * rank, num_experts=4, top_k=2, bottleneck_size=64,
+                           target_modules=None if method == "hybrid" else TARGETS)
+    return add_adapters(model, config), (adapter_aux_loss if method in ("moe", "poly") else None)
 
 
 def merge(model, impl: str):
@@ -334,9 +327,9 @@ def main() -> None:
                        f"{config.num_attention_heads}/{config.num_key_value_heads} heads, ffn {config.intermediate_size}, "
                        f"vocab {config.vocab_size}")
     plan = [("base", "none"), ("peft", "lora")] + [("athena", m) for m in ATHENA_METHODS]
-    if args.only:  # may also name athena:lora_addmm, LoRA's unfused inference path (see add_method)
+    if args.only:
         wanted = {tuple(x.split(":")) for x in args.only.split(",")}
-        plan = [p for p in plan + [("athena", "lora_addmm")] if p in wanted]
+        plan = [p for p in plan if p in wanted]
     generator = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
     warm_up_gpu(device)

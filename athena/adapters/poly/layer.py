@@ -136,10 +136,7 @@ class PolyAdapter(nn.Module):
             dtype = torch.get_autocast_dtype(x2.device.type)
             if x2.dtype != dtype:
                 x2 = x2.to(dtype)
-        if lora and not ia3 and not torch.is_grad_enabled() and self._lora_in_base_epilogue(x2, autocast):
-            out = self._base_plus_lora(x2)  # inference: the LoRA term added inside the base GEMM
-            lora = False
-        elif ia3 and self.ia3_recompute and torch.is_grad_enabled():
+        if ia3 and self.ia3_recompute and torch.is_grad_enabled():
             # checkpoint saves x2 (often saved by the LoRA/expert matmuls already) instead of base(x2).
             out = checkpoint(self._scaled_base, x2, use_reentrant=False, preserve_rng_state=False)
         else:
@@ -160,27 +157,6 @@ class PolyAdapter(nn.Module):
             if moe:
                 self._add_experts(xa, out)
         return out.view(*lead, self.out_features)
-
-    # Unmerged inference: out = x W^T + b + s (x A^T) B^T. Computing the small LoRA product FIRST lets the base
-    # GEMM add it in cuBLAS's epilogue (addmm's C input, read while the GEMM is compute-bound), instead of a
-    # separate addmm_ that reads and writes the whole (tokens, out) output once more. Training keeps the addmm_
-    # path: there addmm's C input would cost an output-sized gradient scaling in backward.
-
-    epilogue_add = True  # False: the plain path (base, then addmm_), e.g. to measure what this saves
-
-    def _lora_in_base_epilogue(self, x2: torch.Tensor, autocast: bool) -> bool:
-        base = self.base_layer
-        return (self.epilogue_add and (isinstance(self.dropout, nn.Identity) or not self.training)
-                and (type(base) is nn.Linear or _is_athena_linear(base))
-                and not (base._forward_hooks or base._forward_pre_hooks)  # e.g. accelerate's: keep base(x) a call
-                and (autocast or x2.dtype == base.weight.dtype == self.lora_A.weight.dtype))
-
-    def _base_plus_lora(self, x2: torch.Tensor) -> torch.Tensor:
-        base, up = self.base_layer, self.lora_B.weight
-        down = F.linear(x2, self.lora_A.weight)  # (N, r)
-        if base.bias is None:
-            return torch.addmm(torch.mm(down, up.t()), x2, base.weight.t(), beta=self.scaling)
-        return torch.addmm(torch.addmm(base.bias, down, up.t(), alpha=self.scaling), x2, base.weight.t())
 
     def _scaled_base(self, x2: torch.Tensor) -> torch.Tensor:
         """IA3: base(x2) scaled per output feature."""
