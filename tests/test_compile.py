@@ -86,6 +86,36 @@ def test_expert_adapters_compile_into_one_graph():
     assert sum(len(layer.pop_router_calls()) for layer in stack) == 3  # each call recorded once
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_compiled_adapter_deltas_are_plain_adds(moe):
+    """Traced for compilation, LoRA's and the experts' deltas are a GEMM plus an add, which Inductor on a GPU fuses
+    into the next elementwise kernel; eager uses one in-place addmm_. A compiled addmm would run out of place, and
+    ATen then copies the whole base output first (see _add_low_rank). Both give the eager values."""
+    from torch import nn
+
+    from athena.adapters.poly.layer import PolyAdapter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = PolyAdapter(nn.Linear(16, 24, bias=False), rank=4, use_moe=moe, num_experts=3, top_k=2).eval()
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.normal_(0, 0.3)
+    x = torch.randn(2, 5, 16)
+    traced = []
+
+    def record(gm, example_inputs):
+        traced.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
+        return gm.forward
+
+    with torch.no_grad():
+        eager = layer(x)
+        torch.testing.assert_close(torch.compile(layer, backend=record)(x), eager, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(torch.compile(layer)(x), eager, atol=1e-5, rtol=1e-5)
+    assert not [t for t in traced if "addmm" in t], traced
+    assert sum("built-in function add" in t for t in traced) == (2 if moe else 1), traced
+
+
 def test_compile_failure_falls_back_to_eager(caplog):
     model, batch = _model_and_batch()
     wrapped = CompiledWithFallback(model)

@@ -118,8 +118,7 @@ class PolyAdapter(nn.Module):
 
     # ---- forward ----
     # Rank-8 adapters cost launches and Python dispatches, not FLOPs: every op below is a kernel on a GPU, so the
-    # path is kept to the minimum (LoRA: 2 kernels; experts: 8) and the deltas are added IN PLACE into the base
-    # output (addmm_), which is not saved for backward by any supported base layer, so autograd allows it.
+    # path is kept to the minimum (LoRA: 2 kernels; experts: 8) and the deltas are added by `_add_low_rank`.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lora = self.lora_A is not None and self.use_lora and "lora" not in self.merged_parts
@@ -153,9 +152,9 @@ class PolyAdapter(nn.Module):
                     down = down.to(out.dtype)
                 if up.dtype != out.dtype:  # in-place ops are not autocast: cast the weight ourselves
                     up = up.to(out.dtype)
-                out.addmm_(down, up.t(), alpha=self.scaling)  # out += s * (x A^T) B^T, one GEMM
+                out = _add_low_rank(out, down, up, self.scaling)  # out + s (x A^T) B^T
             if moe:
-                self._add_experts(xa, out)
+                out = self._add_experts(xa, out)
         return out.view(*lead, self.out_features)
 
     def _scaled_base(self, x2: torch.Tensor) -> torch.Tensor:
@@ -179,8 +178,8 @@ class PolyAdapter(nn.Module):
             1, top_i, top_p if top_p.dtype == dtype else top_p.to(dtype))
         return gates, logits, top_i
 
-    def _add_experts(self, x2: torch.Tensor, out: torch.Tensor) -> None:
-        """out += the gated sum of the chosen experts' B_e A_e x (in place, one addmm)."""
+    def _add_experts(self, x2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + the gated sum of the chosen experts' B_e A_e x."""
         E, r = self.num_experts, self.expert_rank
         h = F.linear(x2, self.expert_A)  # (N, E*r): every expert's down-projection at once
         gates, logits, top_i = self.route(x2, h.dtype)
@@ -191,7 +190,7 @@ class PolyAdapter(nn.Module):
         up = self.expert_B if self.expert_B.dtype == out.dtype else self.expert_B.to(out.dtype)
         if h.dtype != out.dtype:
             h = h.to(out.dtype)
-        out.addmm_(h, up.t(), alpha=self.expert_scaling)  # + sum over the chosen experts of B_e (gated h_e)
+        return _add_low_rank(out, h, up, self.expert_scaling)  # + sum over the chosen experts of B_e (gated h_e)
 
     def _accumulate_aux(self, logits: torch.Tensor, top_i: torch.Tensor) -> None:
         # Only remember the call: the router loss is computed when popped, for every call of every layer of the
@@ -283,6 +282,18 @@ class PolyAdapter(nn.Module):
         if self.merged:
             parts.append(f"merged={'+'.join(self.merged_parts)}")
         return ", ".join(parts)
+
+
+def _add_low_rank(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """out + scale * h @ up^T for a base output `out` (N, out), a rank-r `h` (N, r) and `up` (out, r).
+
+    Eager: ONE kernel, cuBLAS adding into `out` in place (addmm_; no supported base layer saves its output for
+    backward, so autograd allows it). Compiled: an explicit add instead, which Inductor fuses into the next
+    elementwise kernel (RoPE, SwiGLU, residual + norm). An addmm there runs out of place, and ATen then copies
+    `out` in full before the GEMM: measured 0.7 ms of an 8.7 ms prefill of a 1B Llama on an H100."""
+    if torch.compiler.is_compiling():
+        return out + torch.mm(h, up.t()) * scale
+    return out.addmm_(h, up.t(), alpha=scale)
 
 
 def router_loss(calls: list[tuple[torch.Tensor, torch.Tensor]], aux_weight: float, z_weight: float
