@@ -87,33 +87,37 @@ def test_expert_adapters_compile_into_one_graph():
 
 
 @pytest.mark.parametrize("moe", [False, True])
-def test_compiled_adapter_deltas_are_plain_adds(moe):
-    """Traced for compilation, LoRA's and the experts' deltas are a GEMM plus an add, which Inductor on a GPU fuses
-    into the next elementwise kernel; eager uses one in-place addmm_. A compiled addmm would run out of place, and
-    ATen then copies the whole base output first (see _add_low_rank). Both give the eager values."""
+def test_compiled_inference_adds_adapter_deltas_with_plain_adds(moe):
+    """Traced for compiled inference, LoRA's and the experts' deltas are a GEMM plus an add, which Inductor on a GPU
+    fuses into the next elementwise kernel; a compiled addmm would run out of place, ATen copying the whole base
+    output first (see _add_low_rank). Traced with gradients, they stay one addmm_. All give the eager values."""
     from torch import nn
 
     from athena.adapters.poly.layer import PolyAdapter
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     layer = PolyAdapter(nn.Linear(16, 24, bias=False), rank=4, use_moe=moe, num_experts=3, top_k=2).eval()
     with torch.no_grad():
         for p in layer.adapter_parameters():
             p.normal_(0, 0.3)
     x = torch.randn(2, 5, 16)
-    traced = []
+    for grad in (False, True):
+        torch._dynamo.reset()
+        traced = []
 
-    def record(gm, example_inputs):
-        traced.extend(str(node.target) for node in gm.graph.nodes if node.op in ("call_function", "call_method"))
-        return gm.forward
+        def record(gm, example_inputs):
+            traced.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+            return gm.forward
 
-    with torch.no_grad():
-        eager = layer(x)
-        torch.testing.assert_close(torch.compile(layer, backend=record)(x), eager, atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(torch.compile(layer)(x), eager, atol=1e-5, rtol=1e-5)
-    assert not [t for t in traced if "addmm" in t], traced
-    assert sum("built-in function add" in t for t in traced) == (2 if moe else 1), traced
+        with torch.set_grad_enabled(grad):
+            eager = layer(x)
+            torch.testing.assert_close(torch.compile(layer, backend=record)(x), eager, atol=1e-6, rtol=1e-6)
+            if not grad:
+                torch.testing.assert_close(torch.compile(layer)(x), eager, atol=1e-5, rtol=1e-5)
+        layer.pop_router_calls()
+        adds = sum("built-in function add" in t for t in traced)
+        assert traced.count("addmm_") == (0 if not grad else 2 if moe else 1), traced
+        assert adds == (0 if grad else 2 if moe else 1), traced
 
 
 def test_compile_failure_falls_back_to_eager(caplog):
