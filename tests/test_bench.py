@@ -231,3 +231,17 @@ def test_athena_computes_the_official_trm_step_for_step(mixer):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"[compare_official] {mixer}:" in proc.stdout and "same function" in proc.stdout
     assert proc.stdout.count("(same: True)") == 5
+
+
+def test_fp8_gemm_bench_runs_and_fp8_errors_are_those_of_its_formats(tmp_path):
+    """bench/fp8_gemm.py at toy size on the CPU (real torch._scaled_mm): six GEMMs, each FP8 result within the
+    rounding error of e4m3/e5m2 operands (a few percent) of the float32 product, and coarser than bf16's."""
+    out = tmp_path / "fp8.json"
+    subprocess.run([sys.executable, str(ROOT / "bench/fp8_gemm.py"), "--tiny", "--steps", "2", "--out", str(out)],
+                   check=True, cwd=ROOT)
+    records = json.loads(out.read_text())["records"]
+    assert [(r["linear"], r["gemm"]) for r in records] == [
+        (lin, op) for lin in ("gate_up", "down") for op in ("fwd", "dgrad", "wgrad")]
+    for r in records:
+        assert r["rel_err_bf16"] < 0.01 and 0.01 < r["rel_err_fp8"] < 0.1, r  # e4m3: 3 mantissa bits, e5m2: 2
+        assert r["per_step_calls"] == (42 if r["gemm"] == "fwd" else 14)
