@@ -287,14 +287,14 @@ class PolyAdapter(nn.Module):
 def _add_low_rank(out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
     """out + scale * h @ up^T for a base output `out` (N, out), a rank-r `h` (N, r) and `up` (out, r).
 
-    Default: ONE kernel, cuBLAS adding into `out` in place (addmm_; no supported base layer saves its output for
+    Eager: ONE kernel, cuBLAS adding into `out` in place (addmm_; no supported base layer saves its output for
     backward, so autograd allows it). Compiled, any addmm whose C input is an output-sized tensor runs out of
-    place, and ATen's CUDA addmm first copies C in full. In a no-grad (inference) graph an explicit add is
-    cheaper, as Inductor fuses it into the next elementwise kernel. It is added on unsqueezed views, because
-    Inductor rewrites add(mm, C) on 2-D tensors back into addmm(C, ...) wherever the next op is not elementwise.
-    H100, 1B Llama prefill with CUDA graphs: 8.7 -> 8.1 ms of GPU work, as peft. Compiled training measured
-    slower with the (flat) add, LoRA 21.4 -> 22.2 ms and experts 28.0 -> 29.3 ms, so it keeps addmm_."""
-    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+    place, and ATen's CUDA addmm first copies C in full; an explicit add is cheaper, as Inductor fuses it into
+    the next elementwise kernel. It is added on unsqueezed views, because Inductor rewrites add(mm, C) on 2-D
+    tensors back into addmm(C, ...) wherever the next op is not elementwise. H100, 1B Llama with CUDA graphs:
+    prefill 8.7 -> 8.1 ms of GPU work (as peft); training steps unchanged (LoRA 21.3 vs 21.4 ms, experts 28.2
+    vs 28.0), where a flat add had been slower (22.2, 29.3)."""
+    if torch.compiler.is_compiling():
         return (out.unsqueeze(0) + (torch.mm(h, up.t()) * scale).unsqueeze(0)).squeeze(0)
     return out.addmm_(h, up.t(), alpha=scale)
 
