@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.adapters import time_once  # noqa: E402
+
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
@@ -70,25 +73,10 @@ def bf16_ops(w: torch.Tensor):
 
 
 def time_ms(fn, args, steps: int, cuda: bool) -> float:
+    """Median milliseconds of fn(*args) over `steps` calls after 3 untimed ones (bench/adapters.py's timer)."""
     for _ in range(3):
         fn(*args)
-    times = []
-    for _ in range(steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn(*args)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            import time
-
-            t0 = time.perf_counter()
-            fn(*args)
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(time_once(lambda: fn(*args), cuda) for _ in range(steps))
 
 
 def main() -> None:
