@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+from athena.cli import exit_with_error, one_line_errors
 
 log = logging.getLogger("athena")
 
@@ -28,15 +29,22 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from athena.data.format import PuzzleBatchSampler, PuzzleDataset
     from athena.eval.plots import plot_accuracy_by_step
     from athena.eval.puzzle_eval import evaluate_puzzles
-    from athena.training.checkpoint import CheckpointError, load_checkpoint
+    from athena.errors import AthenaError
+    from athena.training.checkpoint import (
+        CheckpointError, load_checkpoint, load_weights, model_weights, resolve_checkpoint_path,
+    )
     from athena.training.distributed import pick_device
     from athena.training.recipe import attach_adapter, autocast_for, build_model, dataset_dir
 
-    checkpoint = Path(cfg.checkpoint)
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise AthenaError("no checkpoint given: python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt "
+                          "(or a run folder)")
+    checkpoint = resolve_checkpoint_path(cfg.checkpoint)
     state = load_checkpoint(checkpoint)
     if state["format"] == "weights-only" or not state.get("config"):
         raise CheckpointError(f"{checkpoint} carries no run config; evaluate a checkpoint written by pretrain.py")
     stored = dict(state["config"])
+    trained_on = (stored.get("data") or {}).get("name")
     if cfg.get("data") is not None:
         stored["data"] = OmegaConf.to_container(cfg.data, resolve=True)
     stored["data_root"] = cfg.data_root
@@ -46,12 +54,14 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     data_dir = ensure_dataset(dataset_dir(run_cfg), dict(run_cfg.data.build))
     test_set = PuzzleDataset(data_dir, "test")
     model = attach_adapter(build_model(run_cfg, test_set.metadata), run_cfg.adapter)  # an adapter run's checkpoint
-    weights = dict(state["model"])
-    if cfg.eval.weights == "ema":
-        if not state.get("ema"):
-            raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use eval.weights=raw")
-        weights.update(state["ema"])
-    model.load_state_dict(weights)
+    if cfg.eval.weights == "ema" and not state.get("ema"):
+        raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use eval.weights=raw")
+    source = f"{checkpoint} (trained on data={trained_on})"
+    if run_cfg.data.name != trained_on:
+        meta = test_set.metadata
+        source += (f", evaluated on data={run_cfg.data.name} (vocab {meta.vocab_size}, seq_len {meta.seq_len}, "
+                   f"{meta.num_puzzle_identifiers} puzzle ids): pick a task of the same shape")
+    load_weights(model, model_weights(state, cfg.eval.weights), source)
     model.to(device).eval()
 
     _, autocast = autocast_for(device, cfg.eval.precision)
@@ -93,8 +103,9 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate_checkpoint(cfg)
     except AthenaError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
 
 
 if __name__ == "__main__":
+    one_line_errors("eval")
     main()

@@ -13,12 +13,14 @@ train -> evaluate the full test split -> save.
 from __future__ import annotations
 
 import logging
-import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from athena.cli import exit_with_error, one_line_errors
 from athena.config import validate_config
 from athena.errors import AthenaError
 
@@ -27,21 +29,27 @@ log = logging.getLogger("athena")
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
-
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         config_dict = OmegaConf.to_container(cfg, resolve=True)
         run_cfg = validate_config(config_dict)
-        run_dir = HydraConfig.get().runtime.output_dir
+    except (AthenaError, OmegaConfBaseException) as error:
+        _remove_if_empty(run_dir)  # Hydra made the folder for this run; a refused run leaves nothing behind
+        reason = str(error).strip().splitlines()[0]
+        exit_with_error(reason if isinstance(error, AthenaError) else f"invalid config: {reason}")
+
+    from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
+
+    try:
         recipe = PretrainRecipe(run_cfg, run_dir, config_dict)
         try:
             recipe.setup()
             recipe.train()
             result = recipe.finish()
         finally:
-            recipe.close()  # destroys the torchrun process group, if any
+            recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
     except AthenaError as error:
-        sys.exit(f"error: {error}")
+        exit_with_error(str(error))
     if not recipe.is_main:  # under torchrun only rank 0 reports
         return result.exact_accuracy
     run_dir = recipe.run_dir  # rank 0's folder under torchrun
@@ -54,5 +62,15 @@ def main(cfg: DictConfig) -> float:
     return result.exact_accuracy
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """rmdir `folder` and then its parent (outputs/<date>/) if empty; a folder with anything in it stays."""
+    for path in (folder, folder.parent):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
 if __name__ == "__main__":
+    one_line_errors("config")
     main()

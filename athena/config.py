@@ -51,6 +51,9 @@ class TRMArch(TargetNode):
     def _heads_divide_hidden(self) -> TRMArch:
         if self.mixer == "attention" and self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.mixer == "attention" and (self.hidden_size // self.num_heads) % 2:
+            raise ValueError(f"head size hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even "
+                             "(rotary embeddings rotate pairs)")
         return self
 
 

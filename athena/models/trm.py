@@ -276,7 +276,8 @@ def _validate(args: dict) -> None:
          f"vocab_size and seq_len must be >= 1, got {a['vocab_size']} and {a['seq_len']}"),
         (hidden >= 1 and a["num_layers"] >= 1,
          f"hidden_size, num_layers must be >= 1, got {hidden}, {a['num_layers']}"),
-        (heads >= 1 and hidden % heads == 0, f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"),
+        (a["mixer"] != "attention" or (heads >= 1 and hidden % heads == 0),  # the MLP mixer has no heads
+         f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"),
         (a["mixer"] != "attention" or (hidden // max(heads, 1)) % 2 == 0,
          f"head dim hidden_size/num_heads = {hidden // max(heads, 1)} must be even for RoPE"),
         (a["expansion"] > 0, f"expansion must be > 0, got {a['expansion']}"),

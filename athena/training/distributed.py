@@ -17,6 +17,7 @@ Single-process runs (no WORLD_SIZE in the environment, or WORLD_SIZE=1) never to
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -296,6 +297,11 @@ def reshard(model: torch.nn.Module) -> None:
         module.reshard()
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (no communication), else `t` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor of a DTensor (a collective: call on every rank), else `t` itself."""
     return t.full_tensor() if is_dtensor(t) else t
@@ -357,7 +363,29 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
     optimizer.load_state_dict({**state, "state": converted})
 
 
+@torch.no_grad()
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ over (possibly sharded) gradients; returns the global norm as a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return full_tensor(norm)
+    """Scale the gradients so their global L2 norm is at most `max_norm` (as torch's clip_grad_norm_: by
+    max_norm / (norm + 1e-6) when that is below 1); returns the norm (float64, before clipping).
+
+    The norm is summed in float64, whole or sharded: an FSDP run (each rank sums the squares of its shards, then
+    one all-reduce) and a replicated run get the same float32 clip factor, where float32 sums in two orders
+    differed in the last bits and sent the runs apart (a flipped halting decision changes which samples train)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    local = [local_tensor(g) for g in grads]
+
+    def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return sum((torch.linalg.vector_norm(t, dtype=torch.float64).square() for t in tensors),
+                   torch.zeros((), dtype=torch.float64, device=local[0].device))
+
+    total = sum_of_squares([t for g, t in zip(grads, local) if not is_dtensor(g)])
+    shards = [t for g, t in zip(grads, local) if is_dtensor(g)]
+    if shards:  # the shards' squares summed over ranks give the whole tensors'
+        total = total + all_reduce_sum(sum_of_squares(shards))
+    norm = total.sqrt()
+    if math.isfinite(max_norm):
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(local, factor.to(local[0].dtype))
+    return norm

@@ -16,20 +16,16 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from athena.errors import AthenaError
-from athena.training.checkpoint import CheckpointError, load_checkpoint
+from athena.training.checkpoint import CheckpointError, load_checkpoint, model_weights
 
 
 def export_safetensors(checkpoint: str | Path, out: str | Path | None = None, weights: str = "ema") -> Path:
     """Write `out` (default: next to the checkpoint, <name>.<weights>.safetensors) and return its path."""
     checkpoint = Path(checkpoint)
     state = load_checkpoint(checkpoint)
-    tensors = dict(state["model"])
-    if weights == "ema":
-        if not state.get("ema"):
-            raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use --weights raw")
-        tensors.update(state["ema"])
-    elif weights != "raw":
-        raise CheckpointError(f"--weights must be ema or raw, got {weights!r}")
+    if weights == "ema" and not state.get("ema"):
+        raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use --weights raw")
+    tensors = model_weights(state, weights)
     out = Path(out) if out else checkpoint.with_name(f"{checkpoint.stem}.{weights}.safetensors")
     # safetensors wants contiguous tensors that do not share memory
     tensors = {name: t.detach().contiguous().clone() for name, t in tensors.items()}

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -40,10 +41,13 @@ from athena.eval.puzzle_eval import PuzzleEvalResult, evaluate_puzzles
 from athena.models.trm import SupervisionCarry
 from athena.training import distributed
 from athena.training.checkpoint import (
-    CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    CheckpointError, check_weights_fit, find_resume_checkpoint, load_checkpoint, load_weights, model_weights,
+    point_last_at, remove_stale_temp_files, resolve_checkpoint_path, rng_state, save_checkpoint, set_rng_state,
+    step_files,
 )
 from athena.training.ema import ModelEMA
 from athena.training.loggers import build_loggers
+from athena.training.run_folder import RunFolderLock
 from athena.training.schedule import lr_multiplier
 
 log = logging.getLogger("athena")
@@ -129,8 +133,14 @@ def build_model(cfg: RunConfig, metadata) -> torch.nn.Module:
     """The arch node's `_target_`, sized by the dataset (vocab, sequence length, puzzle ids)."""
     arch = cfg.arch.model_dump(by_alias=True)
     arch.pop("_partial_", None)
-    return instantiate(arch, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
-                       num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+    try:
+        return instantiate(arch, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
+                           num_puzzle_identifiers=metadata.num_puzzle_identifiers)
+    except InstantiationException as error:  # the model's own argument checks (ValueError) come wrapped
+        cause = error.__cause__
+        if isinstance(cause, ValueError):
+            raise ConfigError(f"invalid config: arch: {cause}") from None
+        raise
 
 
 def check_adapter_has_base(cfg: RunConfig, resuming: bool | None = None) -> None:
@@ -184,9 +194,13 @@ class PretrainRecipe:
         self.wandb_run_id: str | None = None
         self._stop_requested = False
         self.adapter_on = cfg.adapter.name != "none"
+        self.lock: RunFolderLock | None = None
+        self.finite_through = 0  # the loss of every step up to this one was checked finite
+        self.saved_step: int | None = None  # the step whose state this run's folder holds as last.pt
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
+        self._lock_run_folder()
         self.dist, self.device = distributed.init(self.cfg.device)
         self.is_main = self.dist.is_main
         if self.dist.enabled:
@@ -223,8 +237,22 @@ class PretrainRecipe:
             raise AthenaError(f"train.eval_batch_size {t.eval_batch_size} must be divisible by world_size {world}")
 
     def close(self) -> None:
-        """Destroy the process group (a no-op in one process); safe to call twice."""
+        """Destroy the process group (a no-op in one process) and free the run folder; safe to call twice."""
         distributed.teardown()
+        if self.lock is not None:
+            self.lock.release()
+
+    def _lock_run_folder(self) -> None:
+        """Rank 0 (the process that writes the folder; under torchrun its folder is the run's) takes the folder's
+        lock before anything is written there, then removes the temp files a killed save left behind."""
+        self.lock = None
+        if not distributed.env_info().is_main:
+            return
+        self.lock = RunFolderLock(self.run_dir).acquire()
+        stale = remove_stale_temp_files(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else []
+        if stale:
+            log.info("removed %d partial checkpoint file(s) left by an interrupted save: %s", len(stale),
+                     ", ".join(p.name for p in stale))
 
     def _setup_data(self) -> None:
         self.data_dir = ensure_dataset(dataset_dir(self.cfg), dict(self.cfg.data.build))
@@ -263,13 +291,19 @@ class PretrainRecipe:
 
     def _load_init_weights(self, model: torch.nn.Module, path: Path) -> None:
         state = load_checkpoint(path)
-        weights = dict(state["model"])
-        if state.get("ema"):
-            weights.update(state["ema"])  # the EMA weights are the ones evaluated and shipped
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if unexpected or missing:
-            raise CheckpointError(f"init_from={path} does not fit this arch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        # The EMA weights are the ones evaluated and shipped.
+        weights = model_weights(state, "ema" if state.get("ema") else "raw")
+        load_weights(model, weights, f"init_from={path}{self._trained_with(state, ('arch', 'data'))}")
         log.info("initialised weights from %s", path)
+
+    def _trained_with(self, state: dict[str, Any], sections: tuple[str, ...]) -> str:
+        """' (trained with arch.hidden_size=64, this run 32)': the config keys that explain a misfit, if known."""
+        saved = state.get("config") or {}
+        keys = differing_keys(saved, self.config_dict, sections)
+        if not keys:
+            return ""
+        shown = [f"{k}={_lookup(saved, k)!r}, this run {_lookup(self.config_dict, k)!r}" for k in keys[:2]]
+        return f" (trained with {'; '.join(shown)})"
 
     def _maybe_shard(self) -> None:
         """train.parallel=fsdp under torchrun: FSDP2 over every rank (distributed.shard_model). One process: a
@@ -354,14 +388,19 @@ class PretrainRecipe:
                 state["rank_rng"] = [g["rng"] for g in gathered]
         return state
 
-    def save(self) -> Path:
-        """Rank 0 writes; the other ranks wait for it at a barrier (so nobody reads a half-written run)."""
+    def save(self, window: dict[str, torch.Tensor] | None = None) -> Path:
+        """Rank 0 writes; the other ranks wait for it at a barrier (so nobody reads a half-written run).
+
+        Refuses (TrainingDiverged) to write weights, EMA or a loss since the last check (`window`) that are not
+        finite: every checkpoint on disk is one a run can continue from, and last.pt stays the last good one."""
+        self._check_finite_state(window)
         state = self.state_dict()  # every rank: it gathers the per-rank carries
         path = self.checkpoint_dir / f"step_{self.step}.pt"
         if self.is_main:
             path = save_checkpoint(state, self.checkpoint_dir, self.step, self.cfg.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
         distributed.barrier()
+        self.saved_step = self.step
         return path
 
     def _maybe_resume(self) -> None:
@@ -375,19 +414,25 @@ class PretrainRecipe:
                 log.info("resume=auto: no checkpoint in %s, starting fresh", self.checkpoint_dir)
                 return
         else:
-            path = Path(resume)
+            path = resolve_checkpoint_path(resume)  # a file, or a run folder's newest checkpoint
         state = load_checkpoint(path)
         if state["format"] == "weights-only":
+            check_weights_fit(self.model, state["model"], f"resume={path} (a bare state dict)")
             distributed.load_model_state(self.model, state["model"])
+            if self.ema:  # the EMA starts from the loaded weights, not from the random initialisation
+                self.ema = ModelEMA(self._ema_params(), self.cfg.train.ema_decay)
             log.warning("%s holds weights only: optimizer, EMA and data position start fresh", path)
             return
         self._check_config_matches(state.get("config") or {}, path)
+        check_weights_fit(self.model, state["model"], f"resume={path}")
         distributed.load_model_state(self.model, state["model"])  # full state in, each rank's shard under FSDP
         if self.ema and state.get("ema"):
             self.ema.load_state_dict(state["ema"])
         for opt, opt_state in zip(self.optimizers, state["optimizers"], strict=True):
             distributed.load_optimizer_state(opt, opt_state)
-        self.step = state["step"]
+        self.step = self.finite_through = state["step"]
+        if Path(path).resolve().parent == self.checkpoint_dir.resolve():
+            self.saved_step = self.step  # continuing in the folder that holds this state already
         self.batches_consumed = state["batches_consumed"]
         self.wandb_run_id = state.get("wandb_run_id")
         saved_world, world, rank = state.get("world_size", 1), self.dist.world_size, self.dist.rank
@@ -411,11 +456,7 @@ class PretrainRecipe:
         log.info("resumed from %s at step %d", path, self.step)
 
     def _check_config_matches(self, saved: dict[str, Any], path: Path) -> None:
-        differing = [
-            f"{section}.{key}" for section in _MUST_MATCH
-            for key in sorted(set(saved.get(section, {})) | set(self.config_dict.get(section, {})))
-            if saved.get(section, {}).get(key) != self.config_dict.get(section, {}).get(key)
-        ]
+        differing = differing_keys(saved, self.config_dict, _MUST_MATCH)
         if differing:
             raise CheckpointError(
                 f"checkpoint {path} was trained with a different config ({', '.join(differing[:6])}); "
@@ -543,7 +584,7 @@ class PretrainRecipe:
                         bar.write(f"step {self.step}: eval exact accuracy {100 * result.exact_accuracy:.1f}% "
                                   f"(token {100 * result.token_accuracy:.1f}%, n={result.count})")
                 if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or stop:
-                    path = self.save()
+                    path = self.save(window)
                 if stop:
                     raise TrainingStopped(f"stopped by a signal at step {self.step}; checkpoint saved to {path}; "
                                           f"continue with resume=auto hydra.run.dir={self.run_dir}")
@@ -562,12 +603,36 @@ class PretrainRecipe:
     def _check_finite(self, metrics: dict[str, float]) -> None:
         bad = [k for k in ("train/loss", "train/grad_norm") if not math.isfinite(metrics[k])]
         if bad:
-            last = self.checkpoint_dir / "last.pt"
-            where = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(
-                f"{bad[0]} became {metrics[bad[0]]} by step {self.step} ({where}); "
-                "lower train.lr, keep train.grad_clip set, or try train.precision=fp32"
-            )
+            self._diverged(f"{bad[0]} became {metrics[bad[0]]}")
+        self.finite_through = self.step
+
+    def _check_finite_state(self, window: dict[str, torch.Tensor] | None) -> None:
+        """Weights, EMA and the loss summed since the last check all finite, on every rank (one flag all-reduced)."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        if self.ema:
+            tensors += list(self.ema.shadow.values())
+        if window and "loss" in window:
+            tensors.append(torch.as_tensor(window["loss"]))
+        local = [distributed.local_tensor(t) for t in tensors]
+        finite = torch.stack([torch.isfinite(t).all() for t in local if t.numel()]).all().item()
+        if distributed.any_rank(not finite, self.device):
+            self._diverged("the weights, EMA or loss stopped being finite")
+        self.finite_through = self.step
+
+    def _diverged(self, what: str) -> None:
+        """Stop, naming the newest checkpoint known good: step s is good when the loss of step s + 1, computed from
+        its weights, was seen finite (s < finite_through). A later checkpoint can hold finite weights that already
+        give a NaN loss; last.pt is pointed back at the good one, so resume=auto continues from there."""
+        where = "no checkpoint was written yet"
+        if self.is_main and self.checkpoint_dir.is_dir():
+            good = [path for step, path in step_files(self.checkpoint_dir) if step < self.finite_through]
+            if good:
+                point_last_at(good[-1])
+                where = f"last good checkpoint: {good[-1]}, which last.pt now points to"
+            elif step_files(self.checkpoint_dir):
+                where = f"no checkpoint from before step {self.finite_through} is kept"
+        raise TrainingDiverged(f"{what} by step {self.step} ({where}); lower train.lr, keep train.grad_clip set, "
+                               "or try train.precision=fp32")
 
     # ----------------------------------------------------------------- evaluation
     def evaluate(self, max_examples: int | None, progress: bool = False) -> PuzzleEvalResult:
@@ -586,8 +651,9 @@ class PretrainRecipe:
 
     def finish(self) -> PuzzleEvalResult:
         """Full test split with the EMA weights; eval/final.json, plots, and a last checkpoint."""
-        # Rank 0 decides (it owns the files), so every rank takes part in save()'s gather and barrier or none does.
-        if not distributed.broadcast_object((self.checkpoint_dir / f"step_{self.step}.pt").exists()):
+        # Every rank knows what this run saved, so all take part in save()'s gather and barrier or none does. (Not
+        # "step_N.pt exists": a file from an earlier attempt that diverged after it is not this run's state.)
+        if self.saved_step != self.step:
             self.save()
         result = self.evaluate(max_examples=None, progress=self.is_main)  # every rank: its shard, sums all-reduced
         self.loggers.log(result.metrics(), self.step)
@@ -612,3 +678,15 @@ class PretrainRecipe:
         self.loggers.log_images(images, self.step)
         self.loggers.finish()
         return result
+
+
+def differing_keys(saved: dict[str, Any], current: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    """'section.key' for every key of the given config sections whose value differs between two configs."""
+    return [f"{section}.{key}" for section in sections
+            for key in sorted(set(saved.get(section) or {}) | set(current.get(section) or {}))
+            if (saved.get(section) or {}).get(key) != (current.get(section) or {}).get(key)]
+
+
+def _lookup(config: dict[str, Any], dotted: str) -> Any:
+    section, key = dotted.split(".", 1)
+    return (config.get(section) or {}).get(key)
