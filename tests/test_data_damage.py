@@ -45,14 +45,17 @@ def _swap_groups(groups: np.ndarray) -> np.ndarray:
 # (file damaged, how, the words the one line must hold[, the file it names when that is another])
 DAMAGE = {
     "missing_array": ("all__labels.npy", lambda p: p.unlink(), "is missing"),
-    "truncated_array": ("all__inputs.npy", _truncate, "is truncated: 181 bytes where its header (10, 6) uint8 needs 188"),
-    "garbled_array": ("all__inputs.npy", _garble_header, "is not a readable .npy array (the magic string is not correct"),
+    "truncated_array": ("all__inputs.npy", _truncate,
+                        "is truncated: 181 bytes where its header (10, 6) uint8 needs 188"),
+    "garbled_array": ("all__inputs.npy", _garble_header,
+                      "is not a readable .npy array (the magic string is not correct"),
     "float_array": ("all__inputs.npy", lambda p: _resave(p, lambda a: a.astype(np.float32)),
                     "holds float32 values where integers are expected"),
     "labels_shape": ("all__labels.npy", lambda p: _resave(p, lambda a: a[:-1]),
                      "has shape (9, 6) but all__inputs.npy has (10, 6)"),
     "puzzle_indices_short": ("all__puzzle_indices.npy", lambda p: _resave(p, lambda a: a[:-1]),
-                             "must run from 0 to 10 (examples) in 11 entries (puzzles + 1); it has 10 entries from 0 to 9"),
+                             "must run from 0 to 10 (examples) in 11 entries (puzzles + 1); "
+                             "it has 10 entries from 0 to 9"),
     "group_indices_order": ("all__group_indices.npy", lambda p: _resave(p, _swap_groups),
                             "must increase, each group holding a puzzle; group 1 is empty or negative"),
     "identifier_beyond_table": ("all__puzzle_identifiers.npy", lambda p: _resave(p, lambda a: a + 3),

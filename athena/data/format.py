@@ -239,8 +239,9 @@ def open_split(root: str | Path, split: str) -> tuple[DatasetMetadata, np.ndarra
         raise damaged("group_indices", f"must increase, each group holding a puzzle; group "
                                        f"{int(np.argmax(np.diff(group_indices) <= 0))} is empty or negative")
     if num_puzzles and (identifiers.min() < 0 or identifiers.max() >= meta.num_puzzle_identifiers):
+        low, high = int(identifiers.min()), int(identifiers.max())
         raise damaged("dataset.json", f"says num_puzzle_identifiers {meta.num_puzzle_identifiers} but "
-                                      f"all__puzzle_identifiers.npy holds {int(identifiers.min())}..{int(identifiers.max())}")
+                                      f"all__puzzle_identifiers.npy holds {low}..{high}")
     # mean_puzzle_examples is not compared: nothing reads it, and it is a float other tools may round.
     counts = {"total_groups": len(group_indices) - 1, "total_puzzles": num_puzzles}
     for key, count in counts.items():
