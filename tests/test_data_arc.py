@@ -6,7 +6,7 @@ import pytest
 from athena.data.arc import (CANVAS, IDENTITY, TEST_OUTPUTS_FILE, ArcAugmentation, arc_pass_at_k, arc_vote,
                              build_arc, decode_grid, encode_grid, load_arc_tasks, random_augmentation)
 from athena.data.dihedral import dihedral
-from athena.data.format import PuzzleDataset
+from athena.data.format import PuzzleDataset, write_identifiers, write_split
 
 
 def test_augmentation_round_trip():
@@ -110,7 +110,7 @@ def test_voting(arc_root):
     # a subset of examples: only the tasks it touches are scored
     subset = np.arange(4)
     partial = arc_pass_at_k(arc_root, labels[subset], example_indices=subset)
-    assert partial["num_tasks"] == 1 and partial["pass@1"] > 0
+    assert partial == {"pass@1": 1.0, "pass@2": 1.0, "num_tasks": 1}  # the first task's 4 copies of its 1 input
 
 
 def test_arc_versions():
@@ -120,3 +120,106 @@ def test_arc_versions():
     assert len(training) == 400 and len(evaluation) == 400
     with pytest.raises(ValueError, match="version"):
         load_arc_tasks(3)
+
+
+# ----------------------------------------------------------------------------------------------------- pass@k, exactly
+# A hand-made test split in ARC's layout. Augmented grids and canvases are made here from the documented format
+# (module docstrings of athena.data.arc and athena.data.dihedral), not with the module's own helpers, so a bug in
+# its augmentation, its inverse, the decoding or the voting changes the scores.
+
+def doc_augment(grid: np.ndarray, k: int, colours: str) -> np.ndarray:
+    """Rotate k % 4 quarter turns counter-clockwise, transpose if k >= 4, then recolour c -> colours[c]."""
+    turned = np.rot90(grid, k % 4)
+    return np.array([int(c) for c in colours])[turned.T if k >= 4 else turned]
+
+
+def doc_canvas(grid: np.ndarray | None) -> np.ndarray:
+    """(900,) tokens: colours + 2 at the top-left, 1 on the row below and the column right of the grid; None ->
+    an empty canvas (no grid to decode)."""
+    canvas = np.zeros((30, 30), dtype=np.uint8)
+    if grid is not None:
+        h, w = grid.shape
+        canvas[:h, :w] = grid + 2
+        canvas[h, :w + 1] = canvas[:h + 1, w] = 1
+    return canvas.reshape(-1)
+
+
+# Each test input of each task appears in these 3 copies, in this order (colour 0 stays 0).
+COPIES = ((0, "0123456789"), (1, "0312645978"), (6, "0987654321"))
+
+
+def _grid(seed: int) -> np.ndarray:
+    """A 2x3 grid with six distinct colours: no symmetry, so a wrong inverse gives another grid."""
+    return np.random.default_rng(seed).permutation(np.arange(1, 10))[:6].reshape(2, 3)
+
+
+T0, W0, T1, U, V, X, Y, Z = GRIDS = [_grid(s) for s in range(8)]
+assert len({g.tobytes() for g in GRIDS}) == len(GRIDS)
+# task -> per test input: (truth, per copy (the grid it predicts in the original frame or None, q_halt))
+CASE = {
+    "aaaa": [(T0, [(T0, 4.0), (W0, -4.0), (W0, -4.0)]),   # votes W0 2, T0 1: pass@1 miss, pass@2 hit
+             (T1, [(T1, 0.0), (T1, 0.0), (None, 5.0)])],  # T1 2 (the undecodable copy has no vote): hit
+    "bbbb": [(U, [(U, -1.0), (V, 2.0), (None, 0.0)])],    # 1-1 tie, V has the higher q: pass@1 miss, pass@2 hit
+    "cccc": [(Z, [(X, 3.0), (Y, 2.0), (Z, 1.0)])],        # three 1-vote ties, the truth ranked third: miss, miss
+}
+# votes: task aaaa solves 1 of 2 inputs at k=1 and 2 of 2 at k=2, bbbb 0 then 1, cccc 0 and 0
+PASS_BY_VOTES = {"pass@1": (1 / 2 + 0 + 0) / 3, "pass@2": (1 + 1 + 0) / 3, "num_tasks": 3}
+# by confidence (sum of sigmoid(q)): T0 0.98 beats W0 2 x 0.02, V 0.88 beats U 0.27, X > Y > Z as before
+PASS_BY_CONFIDENCE = {"pass@1": (1 + 0 + 0) / 3, "pass@2": (1 + 1 + 0) / 3, "num_tasks": 3}
+
+
+@pytest.fixture(scope="module")
+def hand_made_arc(tmp_path_factory):
+    """(root, predictions (examples, 900), q_halt (examples,)) for CASE."""
+    root = tmp_path_factory.mktemp("hand_arc")
+    names, inputs, labels, predictions, q = ["<blank>"], [], [], [], []
+    identifiers, puzzle_sizes, group_sizes = [], [], []
+    for task, test_inputs in CASE.items():
+        for copy, (k, colours) in enumerate(COPIES):
+            names.append(f"{task}|{k}|{colours}")
+            identifiers.append(len(names) - 1)
+            puzzle_sizes.append(len(test_inputs))
+            for truth, votes in test_inputs:
+                grid, q_halt = votes[copy]
+                inputs.append(doc_canvas(doc_augment(truth[::-1], k, colours)))  # any valid grid will do
+                labels.append(doc_canvas(doc_augment(truth, k, colours)))
+                predictions.append(doc_canvas(None if grid is None else doc_augment(grid, k, colours)))
+                q.append(q_halt)
+        group_sizes.append(len(COPIES))
+    write_split(root, "test", {
+        "inputs": np.stack(inputs), "labels": np.stack(labels),
+        "puzzle_identifiers": np.array(identifiers, dtype=np.int32),
+        "puzzle_indices": np.concatenate([[0], np.cumsum(puzzle_sizes)]),
+        "group_indices": np.concatenate([[0], np.cumsum(group_sizes)])},
+        {"seq_len": 900, "vocab_size": 12, "ignore_label_id": 0, "num_puzzle_identifiers": len(names)})
+    write_identifiers(root, names)
+    (root / TEST_OUTPUTS_FILE).write_text(json.dumps(
+        {task: [truth.tolist() for truth, _ in test_inputs] for task, test_inputs in CASE.items()}))
+    return root, np.stack(predictions), np.array(q)
+
+
+def test_pass_at_k_exact_on_a_hand_made_case(hand_made_arc):
+    # abs=1e-12: float means of the same fractions (1/6, 2/3); only the summation order can differ
+    root, predictions, q = hand_made_arc
+    assert arc_pass_at_k(root, predictions, q_halt=q) == pytest.approx(PASS_BY_VOTES, abs=1e-12)
+    assert arc_pass_at_k(root, predictions, q_halt=q, weight_by_confidence=True) == pytest.approx(
+        PASS_BY_CONFIDENCE, abs=1e-12)
+    labels = np.asarray(PuzzleDataset(root, "test").tokens()[1])
+    assert arc_pass_at_k(root, labels) == {"pass@1": 1.0, "pass@2": 1.0, "num_tasks": 3}
+
+    # the ranked grids are the predictions mapped back to the original frame, with their votes
+    ranked = arc_vote(root, predictions, q_halt=q)
+    expected = {("aaaa", 0): [(W0, 2), (T0, 1)], ("aaaa", 1): [(T1, 2)], ("bbbb", 0): [(V, 1), (U, 1)],
+                ("cccc", 0): [(X, 1), (Y, 1), (Z, 1)]}
+    assert sorted(ranked) == sorted(expected)
+    for key, candidates in expected.items():
+        assert [(grid.tolist(), votes) for grid, votes in candidates] == \
+               [(grid.tolist(), votes) for grid, votes in ranked[key]], key
+
+    # any order and any subset of the examples: only the tasks present are scored
+    order = np.random.default_rng(0).permutation(len(predictions))
+    assert arc_pass_at_k(root, predictions[order], q_halt=q[order], example_indices=order) == pytest.approx(
+        PASS_BY_VOTES, abs=1e-12)
+    only_b = np.arange(6, 9)  # task bbbb's three copies (aaaa has 3 copies x 2 inputs before it)
+    assert arc_pass_at_k(root, predictions[only_b], q_halt=q[only_b], example_indices=only_b) == {
+        "pass@1": 0.0, "pass@2": 1.0, "num_tasks": 1}

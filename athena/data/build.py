@@ -23,7 +23,7 @@ from typing import Any, Callable, Hashable, Iterable
 
 from tqdm.auto import tqdm
 
-from athena.data.format import DatasetError
+from athena.data.format import DamagedDatasetError, DatasetError, open_split
 
 ALIASES = {
     "sudoku": "athena.data.sudoku.build_sudoku",
@@ -32,6 +32,7 @@ ALIASES = {
     "arc": "athena.data.arc.build_arc",
     "synthetic": "athena.data.synthetic.build_synthetic",
 }
+SPLITS = ("train", "test")  # the splits every builder writes and the recipes open
 
 
 # ----------------------------------------------------------------------------------------------------- generation
@@ -120,22 +121,33 @@ def _exclusive(path: Path):
 
 
 def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
-    """Return `out_dir`, building it first unless out_dir/build.json equals `build`.
+    """Return `out_dir`, building it first unless out_dir/build.json equals `build` and its splits are whole.
 
     `build` = {"_target_": dotted path of a builder fn(out_dir, **kwargs), **kwargs}. A build goes into a temp
     folder next to out_dir that is renamed into place only when complete, so a killed build leaves nothing
-    half-written. A folder holding a dataset but no build.json (e.g. one built by TRM's scripts) is used as is."""
+    half-written (its temp folder is removed by the next call). A cache found damaged (a file truncated or
+    deleted since, an interrupted copy) is rebuilt: it holds nothing the spec cannot make again. A folder
+    holding a dataset but no build.json (e.g. one built by TRM's scripts) is used as is; PuzzleDataset checks
+    it when it is opened."""
     out_dir = Path(out_dir)
     spec = _plain(build)
     if not isinstance(spec, dict) or "_target_" not in spec:
         raise DatasetError(f"dataset build spec needs a _target_ (builder function), got {spec!r}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        # Builds run under this lock, so temp folders left here belong to a build that was killed.
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.stale-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         recorded = out_dir / "build.json"
-        if recorded.is_file() and json.loads(recorded.read_text()) == spec:
-            print(f"reusing dataset at {out_dir}")
-            return out_dir
-        if not recorded.exists() and (out_dir / "train" / "dataset.json").is_file():
+        if _recorded_spec(recorded) == spec:
+            damage = _first_damage(out_dir)
+            if damage is None:
+                print(f"reusing dataset at {out_dir}")
+                return out_dir
+            print(f"dataset at {out_dir} is damaged ({damage[0]} {damage[1]}): rebuilding it")
+        elif not recorded.exists() and (out_dir / "train" / "dataset.json").is_file():
             print(f"using dataset at {out_dir} as is (it has no build.json to compare the build spec with)")
             return out_dir
 
@@ -145,6 +157,10 @@ def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
         try:
             builder(tmp, **kwargs)
+            damage = _first_damage(tmp)
+            if damage is not None:
+                raise DatasetError(f"builder {spec['_target_']} wrote a dataset that fails its check: "
+                                   f"{damage[0].relative_to(tmp)} {damage[1]}")
             (tmp / "build.json").write_text(json.dumps(spec, indent=2, sort_keys=True))
             if out_dir.exists():  # a stale build of different parameters: move it aside, then delete
                 stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
@@ -157,6 +173,26 @@ def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _recorded_spec(path: Path) -> Any:
+    """The build spec a cache records, or None if it has none or it is unreadable (then it is rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _first_damage(root: Path) -> tuple[Path, str] | None:
+    """(file, what is wrong) of the first damaged split of a built dataset (every builder writes train and test)."""
+    for split in SPLITS:
+        if not (root / split).is_dir():
+            return root / split, "is missing"
+        try:
+            open_split(root, split)
+        except DamagedDatasetError as damage:
+            return damage.path, damage.problem
+    return None
 
 
 def _parse_value(text: str) -> Any:

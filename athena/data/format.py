@@ -7,6 +7,10 @@
     group_indices       (num_groups + 1,) int64: puzzles of group g are [group_indices[g], group_indices[g+1])
 <root>/identifiers.json: identifier names, index 0 = "<blank>".
 
+Opening a split (PuzzleDataset, open_split) checks it cheaply: every file there and whole, the arrays consistent
+with each other and with dataset.json, a sample of tokens inside the vocabulary; a failed check is one
+DatasetError line naming the file and the fix.
+
 A group is one original puzzle with all its augmentations. Training draws one puzzle per group per epoch,
 so augmentations add variety without inflating the epoch.
 """
@@ -30,15 +34,30 @@ class DatasetError(AthenaError, ValueError):
     """Missing or malformed data, or a build spec that cannot be met; the message says how to fix it."""
 
 
+class DamagedDatasetError(DatasetError):
+    """A split whose files are missing, truncated, or disagree with each other or with dataset.json."""
+
+    def __init__(self, root: Path, path: Path, problem: str):
+        self.root, self.path, self.problem = Path(root), Path(path), problem
+        super().__init__(f"damaged dataset: {path} {problem}; {rebuild_hint(self.root)}")
+
+
+def rebuild_hint(root: Path) -> str:
+    """How to get a good copy: a cache that ensure_dataset built (it has build.json) is rebuilt by deleting it."""
+    if (root / "build.json").is_file():
+        return f"delete {root} and run again to rebuild it"
+    return "rebuild it with the tool that made it, or point data.dir at a complete dataset"
+
+
 class DatasetMetadata(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
-    seq_len: int
-    vocab_size: int
+    seq_len: int = pydantic.Field(gt=0)
+    vocab_size: int = pydantic.Field(gt=0)
     pad_id: int = 0
     ignore_label_id: int | None = 0
     blank_identifier_id: int = 0
-    num_puzzle_identifiers: int
+    num_puzzle_identifiers: int = pydantic.Field(gt=0)
     total_groups: int
     mean_puzzle_examples: float
     total_puzzles: int | None = None  # optional: TRM's newer dataset.json files carry it
@@ -117,6 +136,123 @@ def one_example_per_puzzle(inputs: np.ndarray, labels: np.ndarray, group_sizes: 
     }
 
 
+# ----------------------------------------------------------------------------------------------------- checking
+
+TOKEN_SAMPLE_ROWS = 1024  # rows of inputs/labels whose tokens are checked against vocab_size at open
+
+
+def _npy_header(root: Path, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of a .npy file from its header, after checking the file holds all the bytes it promises."""
+    if not path.is_file():
+        raise DamagedDatasetError(root, path, "is missing")
+    try:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read_header(handle)
+            data_start = handle.tell()
+    except ValueError as error:  # numpy's header errors are one line
+        raise DamagedDatasetError(root, path, f"is not a readable .npy array ({error})") from None
+    if dtype.kind not in "iu":
+        raise DamagedDatasetError(root, path, f"holds {dtype} values where integers are expected")
+    expected = data_start + int(np.prod(shape)) * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        what = "is truncated" if actual < expected else "has trailing bytes"
+        raise DamagedDatasetError(root, path, f"{what}: {actual:,} bytes where its header {shape} {dtype} "
+                                              f"needs {expected:,}")
+    return shape, dtype
+
+
+def _read_metadata(root: Path, path: Path) -> DatasetMetadata:
+    if not path.is_file():
+        raise DamagedDatasetError(root, path, "is missing")
+    try:
+        return DatasetMetadata.model_validate_json(path.read_bytes())
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]  # pydantic's messages are one line each; the first says enough
+        where = ".".join(map(str, first["loc"]))
+        reason = f"{where}: {first['msg']}" if where else first["msg"]
+        raise DamagedDatasetError(root, path, f"is not a valid dataset.json ({reason})") from None
+
+
+def _check_tokens(root: Path, folder: Path, meta: DatasetMetadata, num_examples: int) -> None:
+    """Tokens of evenly spaced rows lie in [0, vocab_size) (labels may also be ignore_label_id): a sample,
+    since the arrays can be gigabytes; it catches a dataset.json written for another vocabulary."""
+    rows = np.unique(np.linspace(0, num_examples - 1, min(num_examples, TOKEN_SAMPLE_ROWS)).astype(np.int64))
+    for name in ("inputs", "labels"):
+        tokens = np.asarray(np.load(folder / f"all__{name}.npy", mmap_mode="r")[rows])
+        bad = (tokens < 0) | (tokens >= meta.vocab_size)
+        if name == "labels" and meta.ignore_label_id is not None:
+            bad &= tokens != meta.ignore_label_id
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise DamagedDatasetError(root, folder / "dataset.json",
+                                      f"says vocab_size {meta.vocab_size} but all__{name}.npy holds token "
+                                      f"{int(tokens[row, col])} (example {int(rows[row])})")
+
+
+def open_split(root: str | Path, split: str) -> tuple[DatasetMetadata, np.ndarray, np.ndarray, np.ndarray]:
+    """(metadata, puzzle_identifiers, puzzle_indices, group_indices) of <root>/<split>, after checking that
+    every file is there and whole and that the arrays agree with each other and with dataset.json. Raises
+    DatasetError (DamagedDatasetError for a damaged split) with one line naming the file."""
+    root = Path(root)
+    folder = root / split
+    if not folder.is_dir() and not (root / "build.json").is_file():
+        raise DatasetError(f"dataset not found at {root} (expected {folder / 'dataset.json'}): build it with "
+                           f"`python -m athena.data.build <name>` or check data.dir")
+    meta = _read_metadata(root, folder / "dataset.json")
+    paths = {name: folder / f"all__{name}.npy" for name in ARRAY_NAMES}
+    shapes = {name: _npy_header(root, path)[0] for name, path in paths.items()}
+
+    def damaged(name: str, problem: str):
+        return DamagedDatasetError(root, paths.get(name, folder / name), problem)
+
+    inputs = shapes["inputs"]
+    if len(inputs) != 2:
+        raise damaged("inputs", f"has shape {inputs}; expected (examples, seq_len)")
+    if shapes["labels"] != inputs:
+        raise damaged("labels", f"has shape {shapes['labels']} but all__inputs.npy has {inputs}")
+    if inputs[1] != meta.seq_len:
+        raise damaged("dataset.json", f"says seq_len {meta.seq_len} but the examples in all__inputs.npy "
+                                      f"are {inputs[1]} tokens long")
+    for name in ("puzzle_identifiers", "puzzle_indices", "group_indices"):
+        if len(shapes[name]) != 1:
+            raise damaged(name, f"has shape {shapes[name]}; expected one dimension")
+
+    # The index arrays are small next to the tokens and the sampler needs them in memory anyway.
+    identifiers, puzzle_indices, group_indices = (np.load(paths[n]) for n in ARRAY_NAMES[2:])
+    num_examples, num_puzzles = inputs[0], len(identifiers)
+    if len(puzzle_indices) != num_puzzles + 1 or puzzle_indices[0] != 0 or puzzle_indices[-1] != num_examples:
+        raise damaged("puzzle_indices", f"must run from 0 to {num_examples} (examples) in {num_puzzles + 1} "
+                                        f"entries (puzzles + 1); it has {len(puzzle_indices)} entries "
+                                        f"from {puzzle_indices[0]} to {puzzle_indices[-1]}")
+    if np.any(np.diff(puzzle_indices) < 0):
+        raise damaged("puzzle_indices", f"decreases at puzzle {int(np.argmax(np.diff(puzzle_indices) < 0))}")
+    # Every group needs a puzzle: the sampler draws one from each.
+    if len(group_indices) == 0 or group_indices[0] != 0 or group_indices[-1] != num_puzzles:
+        span = f" from {group_indices[0]} to {group_indices[-1]}" if len(group_indices) else ""
+        raise damaged("group_indices", f"must run from 0 to {num_puzzles} (puzzles); it has "
+                                       f"{len(group_indices)} entries{span}")
+    if np.any(np.diff(group_indices) <= 0):
+        raise damaged("group_indices", f"must increase, each group holding a puzzle; group "
+                                       f"{int(np.argmax(np.diff(group_indices) <= 0))} is empty or negative")
+    if num_puzzles and (identifiers.min() < 0 or identifiers.max() >= meta.num_puzzle_identifiers):
+        low, high = int(identifiers.min()), int(identifiers.max())
+        raise damaged("dataset.json", f"says num_puzzle_identifiers {meta.num_puzzle_identifiers} but "
+                                      f"all__puzzle_identifiers.npy holds {low}..{high}")
+    # mean_puzzle_examples is not compared: nothing reads it, and it is a float other tools may round.
+    counts = {"total_groups": len(group_indices) - 1, "total_puzzles": num_puzzles}
+    for key, count in counts.items():
+        recorded = getattr(meta, key)
+        if recorded is not None and recorded != count:
+            raise damaged("dataset.json", f"says {key} {recorded} but the arrays hold {count}")
+    if num_examples:
+        _check_tokens(root, folder, meta, num_examples)
+    return meta, identifiers, puzzle_indices, group_indices
+
+
 # ----------------------------------------------------------------------------------------------------- reading
 
 class PuzzleDataset(torch.utils.data.Dataset):
@@ -128,19 +264,11 @@ class PuzzleDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | Path, split: str):
         self.root, self.split = Path(root), split
-        folder = self.root / split
-        meta_path = folder / "dataset.json"
-        missing = [p for p in [meta_path] + [folder / f"all__{n}.npy" for n in ARRAY_NAMES] if not p.is_file()]
-        if missing:
-            raise DatasetError(
-                f"dataset not found at {self.root} (expected {missing[0]}): build it with "
-                f"`python -m athena.data.build <name>` or check data.dir")
-        self.metadata = DatasetMetadata.model_validate_json(meta_path.read_text())
-        # Small index arrays are read eagerly (the sampler needs them); token arrays are opened lazily so
-        # that pickling the dataset into DataLoader workers does not copy them.
-        self.puzzle_identifiers = np.load(folder / "all__puzzle_identifiers.npy")
-        self.puzzle_indices = np.load(folder / "all__puzzle_indices.npy")
-        self.group_indices = np.load(folder / "all__group_indices.npy")
+        # Checked here, cheaply (headers, sizes, index arrays, a sample of tokens), so that damaged data stops
+        # with one line now instead of an mmap or shape error inside the first step.
+        (self.metadata, self.puzzle_identifiers, self.puzzle_indices,
+         self.group_indices) = open_split(self.root, split)
+        # Token arrays are opened lazily so that pickling the dataset into DataLoader workers does not copy them.
         self._tokens: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
@@ -218,6 +346,8 @@ class PuzzleBatchSampler:
 
     def __init__(self, dataset: PuzzleDataset, batch_size: int, *, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, max_examples: int | None = None, start_batch: int = 0):
+        if train and dataset.num_examples == 0:  # the stream would look for a first example forever
+            raise DatasetError(f"{dataset.root / dataset.split} holds no examples to train on; rebuild it with some")
         if batch_size <= 0 or batch_size % world_size:
             raise ValueError(f"batch size {batch_size} must be a positive multiple of world_size {world_size}")
         if not 0 <= rank < world_size:
