@@ -140,6 +140,18 @@ def test_merge_matches_unmerged_and_unmerge_restores(kind, moe):
     assert not layer.merged
 
 
+@pytest.mark.parametrize("kind", list(BASES))
+def test_wrappers_expose_the_base_weight_and_bias(kind):
+    """Parents may read `.weight` / `.bias` of a child they call (T5's FFN reads `wo.weight.dtype`): both wrappers
+    hand out the wrapped layer's own tensors, as peft's do."""
+    base = BASES[kind]()
+    poly = PolyAdapter(base, rank=2)
+    bottleneck = BottleneckWrapper(poly, BottleneckAdapter(10, bottleneck_size=4))
+    for wrapper in (poly, bottleneck):
+        assert wrapper.weight is base.weight and wrapper.bias is base.bias
+    assert PolyAdapter(nn.Linear(12, 10, bias=False)).bias is None
+
+
 def routed_layer(E=6, k=2, seed=0) -> PolyAdapter:
     torch.manual_seed(seed)
     layer = PolyAdapter(nn.Linear(16, 8), rank=3, use_lora=False, use_moe=True, num_experts=E, top_k=k)

@@ -25,6 +25,15 @@ class BottleneckWrapper(nn.Module):
         super().__init__()
         self.base_layer, self.adapter = base_layer, adapter
 
+    # The wrapped layer's weight and bias, for parents that read them (T5's FFN reads `wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.base_layer(x))
 

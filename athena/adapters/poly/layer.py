@@ -109,6 +109,16 @@ class PolyAdapter(nn.Module):
         self._router_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # grad-enabled calls since the last pop
         self._last_top_i: torch.Tensor | None = None  # top-k ids of the last grad-enabled call, for logging
 
+    # The base layer's weight and bias, as peft exposes them: parents may read them (T5's FFN casts its input to
+    # `wo.weight.dtype` before calling wo).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_parts)
