@@ -364,6 +364,29 @@ def test_save_load_round_trip_is_exact(tmp_path, method):
     assert torch.equal(trm_logits(into_existing.eval(), batch), trm_logits(model, batch))
 
 
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("method", ["lora", "hybrid"])
+def test_new_adapter_modules_take_the_mode_of_the_layer_they_replace(tmp_path, mode, method):
+    """Adapters put into an eval-mode model must not run dropout at inference (they were left in train mode);
+    put into a training model they train. Holds for add_adapters, the hybrid mode and load_adapter."""
+    base = tiny_trm().train(mode == "train")
+    cfg = AdapterConfig(method=method, rank=4, dropout=0.5, bottleneck_size=8, bottleneck_dropout=0.5)
+    model = add_adapters(copy.deepcopy(base), cfg)
+    randomize_adapters(model)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(copy.deepcopy(base), tmp_path)
+    for m in (model, loaded):
+        adapters = [a for a in m.modules() if isinstance(a, (PolyAdapter, BottleneckWrapper, BottleneckAdapter))]
+        dropouts = [d for a in adapters for d in a.modules() if isinstance(d, nn.Dropout)]
+        assert adapters and dropouts and all(x.training == (mode == "train") for x in adapters + dropouts)
+    batch = make_batch()
+    if mode == "eval":
+        first = trm_logits(loaded, batch)
+        assert torch.equal(first, trm_logits(loaded, batch)) and torch.equal(first, trm_logits(model, batch))
+    built_on_eval = PolyAdapter(nn.Linear(12, 10).eval(), dropout=0.5)
+    assert not built_on_eval.training and not built_on_eval.dropout.training
+
+
 def test_load_refuses_a_mismatched_adapter(tmp_path):
     model = add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=4))
     save_adapter(model, tmp_path)

@@ -24,6 +24,7 @@ class BottleneckWrapper(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
         self.base_layer, self.adapter = base_layer, adapter
+        self.train(base_layer.training)  # no bottleneck dropout around an eval-mode layer
 
     # The wrapped layer's weight and bias, for parents that read them (T5's FFN reads `wo.weight.dtype`).
     @property

@@ -108,6 +108,7 @@ class PolyAdapter(nn.Module):
         self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
         self._router_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # grad-enabled calls since the last pop
         self._last_top_i: torch.Tensor | None = None  # top-k ids of the last grad-enabled call, for logging
+        self.train(base_layer.training)  # a wrapper built around an eval-mode layer runs no dropout
 
     # The base layer's weight and bias, as peft exposes them: parents may read them (T5's FFN casts its input to
     # `wo.weight.dtype` before calling wo).
