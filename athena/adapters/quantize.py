@@ -53,8 +53,9 @@ def quantize_adapter_model(model: nn.Module, bits: int = 8, adapter_bits: int = 
     layers (freeze_base=False) are left in full precision: int8 weights cannot be trained. Merged adapters
     are refused (unmerge first; the merged weights would be quantised into the base).
     """
-    from athena.adapters.model import adapter_part_ids, adapter_parameters, is_wrappable, set_module
+    from athena.adapters.model import adapter_parameters, set_module
     from athena.adapters.poly.layer import PolyAdapter
+    from athena.adapters.targets import adapter_part_ids, is_wrappable
 
     if bits != 8:
         raise AdapterConfigError(f"quantize_adapter_model: bits={bits} is not supported; use bits=8")

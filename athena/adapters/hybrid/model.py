@@ -14,8 +14,9 @@ from torch import nn
 
 from athena.adapters.bottleneck.layer import BottleneckAdapter
 from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.model import _refuse_stacking, finish, poly_adapter_for, select_modules, set_module
+from athena.adapters.model import _refuse_stacking, finish, poly_adapter_for, set_module
 from athena.adapters.poly.layer import base_dims
+from athena.adapters.targets import select_modules
 
 
 class BottleneckWrapper(nn.Module):
