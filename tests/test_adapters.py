@@ -152,6 +152,22 @@ def test_wrappers_expose_the_base_weight_and_bias(kind):
     assert PolyAdapter(nn.Linear(12, 10, bias=False)).bias is None
 
 
+def test_poly_adapter_builds_the_experts_its_arguments_name():
+    """Expert arguments switch the experts on (use_moe left unset): PolyAdapter(base, rank=8, num_experts=4) used to
+    build no experts without a word. An explicit use_moe=False still wins."""
+    layer = PolyAdapter(nn.Linear(12, 10), rank=8, num_experts=4)
+    assert layer.use_moe and layer.router.out_features == 4 and layer.top_k == 2
+    assert layer.expert_A.shape == (4 * 8, 12) and layer.lora_A is not None
+    assert PolyAdapter(nn.Linear(12, 10), top_k=1).num_experts == 4
+    assert PolyAdapter(nn.Linear(12, 10), num_experts=1).top_k == 1  # default top_k fits the experts
+    assert PolyAdapter(nn.Linear(12, 10), expert_rank=2).expert_A.shape == (4 * 2, 12)
+    off = PolyAdapter(nn.Linear(12, 10), rank=8, num_experts=4, use_moe=False)
+    assert off.router is None and not off.use_moe
+    assert PolyAdapter(nn.Linear(12, 10), rank=8).router is None  # no expert argument: LoRA only, as before
+    with pytest.raises(AdapterConfigError, match="top_k=3 must be in"):
+        PolyAdapter(nn.Linear(12, 10), num_experts=2, top_k=3)
+
+
 def routed_layer(E=6, k=2, seed=0) -> PolyAdapter:
     torch.manual_seed(seed)
     layer = PolyAdapter(nn.Linear(16, 8), rank=3, use_lora=False, use_moe=True, num_experts=E, top_k=k)
@@ -427,6 +443,24 @@ def test_int8_base_forward_is_close(adapter_bits):
     _, out = model(model.initial_carry(batch), batch)
     out.loss.backward()
     assert q.lora_B.weight.grad is not None and q.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_quantize_refuses_a_model_it_would_leave_unquantised():
+    """quantize_adapter_model used to return a model without adapters (or with a trainable base) unchanged, without
+    a word; it now says in one line why there is nothing to quantise, and changes nothing."""
+    plain = tiny_trm()
+    with pytest.raises(AdapterConfigError) as info:
+        quantize_adapter_model(plain)
+    assert "no adapters" in str(info.value) and "\n" not in str(info.value)
+    trainable_base = add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=2, freeze_base=False))
+    with pytest.raises(AdapterConfigError) as info:
+        quantize_adapter_model(trainable_base)
+    assert "freeze_base=True" in str(info.value) and "\n" not in str(info.value)
+    for model in (plain, trainable_base):
+        assert not any(isinstance(m, Int8Linear) for m in model.modules())
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    quantized = quantize_adapter_model(add_adapters(tiny_trm(), AdapterConfig(method="lora", rank=2)))
+    assert quantize_adapter_model(quantized) is quantized  # a second call finds it quantised already: fine
 
 
 def test_int8_linear_error_is_small():

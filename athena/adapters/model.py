@@ -21,12 +21,12 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def poly_adapter_for(base: nn.Module, name: str, config: AdapterConfig) -> PolyAdapter:
     rank = config.rank_for(name)
+    experts = dict(num_experts=config.num_experts, top_k=config.top_k, expert_rank=config.expert_rank or rank,
+                   router_aux_weight=config.router_aux_weight, router_z_weight=config.router_z_weight)
     return PolyAdapter(
         base, rank=rank, alpha=config.alpha, dropout=config.dropout, use_lora=config.lora_on,
-        use_ia3=config.ia3_on, use_moe=config.moe_on, num_experts=config.num_experts, top_k=config.top_k,
-        expert_rank=config.expert_rank or rank, use_rslora=config.use_rslora,
-        router_aux_weight=config.router_aux_weight, router_z_weight=config.router_z_weight,
-        ia3_recompute=config.ia3_recompute,
+        use_ia3=config.ia3_on, use_moe=config.moe_on, use_rslora=config.use_rslora,
+        ia3_recompute=config.ia3_recompute, **(experts if config.moe_on else {}),
     )
 
 
