@@ -18,9 +18,9 @@ METHODS = ["lora", "ia3", "moe", "poly", "hybrid"]
 # A 20-step 4x4 Sudoku TRM (experiment=smoke) with one final eval; adapter runs start from its last.pt.
 BASE = ("experiment=smoke", "train.eval_every=null", "train.checkpoint_every=null")
 # Adapter runs: 20 steps at a higher lr (adapters start at the base and have few parameters); the smoke
-# model halts every 4 supervision steps, so the two 10-step log windows both hold finished puzzles.
+# model halts every 4 supervision steps, so each 5-step log window holds finished puzzles (steps 4, 8, ...).
 ADAPT = ("experiment=smoke", "train.eval_every=null", "train.steps=20", "train.checkpoint_every=10",
-         "train.lr=1e-2", "train.lr_warmup_steps=2", "train.log_every=10")
+         "train.lr=1e-2", "train.lr_warmup_steps=2", "train.log_every=5")
 
 
 def test_adapter_group_has_every_method():
@@ -173,7 +173,14 @@ def test_adapter_run_learns_on_the_tiny_task(method, request, base_run):
     losses = [r["train/lm_loss"] for r in rows if "train/lm_loss" in r]
     adapted = json.loads((run_dir / "eval" / "final.json").read_text())
     base = json.loads((base_run / "eval" / "final.json").read_text())
-    assert losses[-1] < losses[0] or adapted["token_accuracy"] >= base["token_accuracy"], (losses, adapted, base)
+    # An adapter that never trains is the base (identity init): its logged losses are the base's on each window's
+    # batches, 1.89-1.91 (spread 0.024; measured with train.lr=1e-12), and its eval equals the base's exactly.
+    # Working runs go 1.79 -> 1.44 (LoRA) and 1.66 -> 1.43 (poly; the first window already follows 3 updates):
+    # drops of 0.35 and 0.23. Requiring 0.1 is 4x the spread of a run that does not learn and under half the
+    # smaller working drop.
+    assert losses[0] - losses[-1] > 0.1, losses
+    # Eval on fixed puzzles: the base scores 41 of 192 tokens, these runs 49 (LoRA) and 52 (poly).
+    assert adapted["token_accuracy"] > base["token_accuracy"], (adapted, base)
 
 
 def test_poly_run_logs_the_router_loss(poly_run):

@@ -6,8 +6,8 @@ for TRM and Hugging Face models, in plain PyTorch (no Hydra needed).
     loss = task_loss + (adapter_aux_loss(model) or 0)                     # router losses, if any
 
 Layout: config.py (AdapterConfig + validation), poly/layer.py (PolyAdapter), bottleneck/layer.py
-(BottleneckAdapter), hybrid/model.py (hybrid entry), model.py (targets, freezing, merge, aux loss),
-io.py (save/load incl. peft format), quantize.py (int8 base).
+(BottleneckAdapter), hybrid/model.py (hybrid entry), targets.py (default targets per model family, matching),
+model.py (wrapping, freezing, merge, aux loss), io.py (save/load incl. peft format), quantize.py (int8 base).
 """
 
 from athena.adapters.bottleneck.layer import BottleneckAdapter

@@ -85,7 +85,7 @@ class AdapterConfig:
 
     def rank_for(self, module_name: str) -> int:
         """The LoRA rank of one module: the first matching rank_pattern entry, else `rank`."""
-        from athena.adapters.model import matches  # local import: model.py imports this file
+        from athena.adapters.targets import matches  # local import: targets.py imports this file
 
         for pattern, r in self.rank_pattern.items():
             if matches(pattern, module_name):

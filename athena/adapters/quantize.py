@@ -50,22 +50,30 @@ def quantize_adapter_model(model: nn.Module, bits: int = 8, adapter_bits: int = 
     """Replace every frozen base linear (wrapped or not) by an Int8Linear; cast adapters to adapter_bits.
 
     adapter_bits=16 -> bfloat16 adapters (fp16 is poorly supported on CPU), 32 -> float32. Trainable base
-    layers (freeze_base=False) are left in full precision: int8 weights cannot be trained. Merged adapters
-    are refused (unmerge first; the merged weights would be quantised into the base).
+    layers (freeze_base=False) are left in full precision: int8 weights cannot be trained. Refused in one line
+    (AdapterConfigError), rather than doing nothing: a model without adapters, a model with no frozen linear
+    layer, merged adapters (unmerge first; the merged weights would be quantised into the base).
     """
-    from athena.adapters.model import adapter_part_ids, adapter_parameters, is_wrappable, set_module
+    from athena.adapters.model import adapter_parameters, is_adapter_module, set_module
     from athena.adapters.poly.layer import PolyAdapter
+    from athena.adapters.targets import adapter_part_ids, is_wrappable
 
     if bits != 8:
         raise AdapterConfigError(f"quantize_adapter_model: bits={bits} is not supported; use bits=8")
     if adapter_bits not in (16, 32):
         raise AdapterConfigError(f"quantize_adapter_model: adapter_bits={adapter_bits} must be 16 or 32")
+    if not any(is_adapter_module(m) for m in model.modules()):
+        raise AdapterConfigError("quantize_adapter_model: this model has no adapters; add them with add_adapters "
+                                 "first (it quantises the frozen base under the adapters)")
     if any(isinstance(m, PolyAdapter) and m.merged for m in model.modules()):
         raise AdapterConfigError("quantize_adapter_model: adapters are merged; call unmerge_adapters first")
     parts = adapter_part_ids(model)
     names = [n for n, m in model.named_modules()
              if n and is_wrappable(m) and not isinstance(m, Int8Linear) and id(m) not in parts
              and not any(p.requires_grad for p in m.parameters())]
+    if not names and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise AdapterConfigError("quantize_adapter_model: no frozen linear layer to quantise (the base trains: int8 "
+                                 "weights cannot); add the adapters with freeze_base=True")
     for name in names:
         set_module(model, name, Int8Linear.from_layer(model.get_submodule(name)))
     dtype = torch.bfloat16 if adapter_bits == 16 else torch.float32

@@ -14,8 +14,9 @@ from torch import nn
 
 from athena.adapters.bottleneck.layer import BottleneckAdapter
 from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.model import _refuse_stacking, finish, poly_adapter_for, select_modules, set_module
+from athena.adapters.model import _refuse_stacking, finish, poly_adapter_for, set_module
 from athena.adapters.poly.layer import base_dims
+from athena.adapters.targets import select_modules
 
 
 class BottleneckWrapper(nn.Module):
@@ -24,6 +25,16 @@ class BottleneckWrapper(nn.Module):
     def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
         super().__init__()
         self.base_layer, self.adapter = base_layer, adapter
+        self.train(base_layer.training)  # no bottleneck dropout around an eval-mode layer
+
+    # The wrapped layer's weight and bias, for parents that read them (T5's FFN reads `wo.weight.dtype`).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.adapter(self.base_layer(x))

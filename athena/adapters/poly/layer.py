@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from athena.adapters.config import AdapterConfigError
+
 
 def base_dims(layer: nn.Module) -> tuple[int, int, bool]:
     """(in_features, out_features, fan_in_fan_out) of a supported linear layer.
@@ -53,9 +55,9 @@ class PolyAdapter(nn.Module):
         dropout: float = 0.0,
         use_lora: bool = True,
         use_ia3: bool = False,
-        use_moe: bool = False,
-        num_experts: int = 4,
-        top_k: int = 2,
+        use_moe: bool | None = None,
+        num_experts: int | None = None,
+        top_k: int | None = None,
         expert_rank: int | None = None,
         use_rslora: bool = False,
         router_aux_weight: float = 0.01,
@@ -64,11 +66,19 @@ class PolyAdapter(nn.Module):
         *,
         k: int | None = None,  # alias of top_k (the issue's name)
     ):
-        """ia3_recompute: in training, recompute base(x) in backward for IA3's gradient instead of saving it: one
+        """use_moe=None: experts are on when any expert argument (num_experts, top_k/k, expert_rank) is given, so
+        PolyAdapter(base, rank=8, num_experts=4) builds the 4 experts it names; an explicit use_moe=False keeps them
+        off whatever else is given. Defaults with experts on: 4 experts, top_k=min(2, num_experts).
+
+        ia3_recompute: in training, recompute base(x) in backward for IA3's gradient instead of saving it: one
         (tokens, out_features) tensor less per layer for one more base matmul in backward. It pays when x is saved
         anyway (LoRA or experts on, as in poly) or the layer widens (in < out)."""
         super().__init__()
         top_k = top_k if k is None else k
+        if use_moe is None:
+            use_moe = num_experts is not None or top_k is not None or expert_rank is not None
+        num_experts = 4 if num_experts is None else num_experts
+        top_k = min(2, num_experts) if top_k is None else top_k
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = base_dims(base_layer)
         self.use_lora, self.use_ia3, self.use_moe = use_lora, use_ia3, use_moe
@@ -78,9 +88,10 @@ class PolyAdapter(nn.Module):
         self.expert_rank = (expert_rank or rank) if use_moe else 0
         self.router_aux_weight, self.router_z_weight = router_aux_weight, router_z_weight
         if use_moe and not 1 <= top_k <= num_experts:
-            raise ValueError(f"PolyAdapter: top_k={top_k} must be in [1, num_experts={num_experts}]")
+            raise AdapterConfigError(f"PolyAdapter: top_k={top_k} must be in [1, num_experts={num_experts}]")
         if use_moe and self.expert_rank < 1:
-            raise ValueError(f"PolyAdapter: expert_rank={expert_rank} (rank={rank}) must be >= 1 with experts on")
+            raise AdapterConfigError(
+                f"PolyAdapter: expert_rank={expert_rank} (rank={rank}) must be >= 1 with experts on")
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         w = base_layer.weight
         kw = dict(device=w.device, dtype=w.dtype if w.is_floating_point() else torch.float32)
@@ -108,6 +119,17 @@ class PolyAdapter(nn.Module):
         self.merged_parts: tuple[str, ...] = ()  # which of ("lora", "ia3") are folded into the base weight now
         self._router_calls: list[tuple[torch.Tensor, torch.Tensor]] = []  # grad-enabled calls since the last pop
         self._last_top_i: torch.Tensor | None = None  # top-k ids of the last grad-enabled call, for logging
+        self.train(base_layer.training)  # a wrapper built around an eval-mode layer runs no dropout
+
+    # The base layer's weight and bias, as peft exposes them: parents may read them (T5's FFN casts its input to
+    # `wo.weight.dtype` before calling wo).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
 
     @property
     def merged(self) -> bool:
@@ -227,7 +249,6 @@ class PolyAdapter(nn.Module):
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
     def _base_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from athena.adapters.config import AdapterConfigError
         from athena.adapters.quantize import Int8Linear
 
         if isinstance(self.base_layer, Int8Linear):
