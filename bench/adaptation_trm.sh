@@ -14,7 +14,7 @@
 #                                           # checkpoint and evaluate it zero-shot on Sudoku-X
 #
 # Knobs (env):
-#   OUT               results (default bench/results)
+#   OUT               results (default docs/results/adaptation/$ARCH)
 #   RUNS              run folders: $RUNS/adapt_base, $RUNS/adapt_<method> (default outputs)
 #   ARCH              athena_trm (default); athena_trm_mlp for the TRM-MLP base of bench/time_to_accuracy.py
 #   PRETRAIN_STEPS    1500;  ADAPT_STEPS 300
@@ -36,14 +36,14 @@ MODE=${1:-all}
 [ $# -gt 0 ] && shift
 METHODS=("$@")
 [ ${#METHODS[@]} -eq 0 ] && METHODS=(full lora ia3 moe poly hybrid)
-OUT=${OUT:-bench/results}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT/adaptation_runs"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 RUNS=${RUNS:-outputs}  # where the runs go: $RUNS/adapt_base, $RUNS/adapt_<method>
 BASE_DIR=$RUNS/adapt_base
 BASE=${BASE:-$BASE_DIR/checkpoints/last.pt}
 ARCH=${ARCH:-athena_trm}
+OUT=${OUT:-docs/results/adaptation/$ARCH}
+mkdir -p "$OUT/adaptation_runs"
 
 if [ "${TOY:-0}" = 1 ]; then
   # A 32-wide TRM on 16 generated 9x9 puzzles per split: proves the plumbing on a CPU, learns nothing useful.

@@ -17,11 +17,11 @@ the GPU itself must do (for training steps too), gpu_vs_base its ratio to the ba
 the training step's to Athena LoRA's. peak_mem_gb is the CUDA peak of that method alone (weights,
 optimizer state and activations; null on a CPU). Every method gets a freshly built model with the same seed.
 
-    python bench/adapters.py --out bench/results/adapters.json          # GPU (~2-3 min on one H100)
+    python bench/adapters.py --out docs/results/adapters/adapters.json       # GPU (~2-3 min on one H100)
     python bench/adapters.py --compile --compile-mode reduce-overhead --only base:none,athena:lora,athena:moe \
-        --out bench/results/adapters_cudagraphs.json                    # compiled + CUDA graphs: no launch overhead
+        --out docs/results/adapters/adapters_cudagraphs.json    # compiled + CUDA graphs: no launch overhead
     python bench/adapters.py --compile --compile-mode reduce-overhead --prefill-only --only base:none,peft:lora,athena:lora \
-        --out bench/results/adapters_cudagraphs_prefill.json            # the same for the prefills alone
+        --out docs/results/adapters/adapters_cudagraphs_prefill.json    # the same for the prefills alone
     python bench/adapters.py --tiny --out /tmp/adapters_tiny.json       # CPU plumbing check, seconds
 
 Needs torch, transformers and peft; not Hydra.
@@ -295,7 +295,7 @@ def write(records: list[dict], args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="toy model on the CPU, a few steps (plumbing check)")
-    parser.add_argument("--out", default="bench/results/adapters.json")
+    parser.add_argument("--out", default="docs/results/adapters/adapters.json")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=None, help="default 4 (tiny: 2)")
     parser.add_argument("--seq", type=int, default=None, help="default 512 (tiny: 32)")

@@ -16,7 +16,7 @@ passes over the training set, batch BATCH, AdamW, linear warm-up + decay; then t
     python bench/adapters_hf_study.py --methods lora,poly --epochs 1
     python bench/adapters_hf_study.py --tiny                        # plumbing check: a few steps each
 
-Writes bench/results/adaptation_hf.json, docs/adaptation_hf.md (the table) and docs/adaptation_hf.png
+Writes docs/results/adaptation/hf/: adaptation_hf.json, adaptation_hf.md (the table) and adaptation_hf.png
 (test accuracy vs trainable parameters). Peak memory is the process's peak RSS on the CPU (ru_maxrss),
 model and data included -- not GPU memory.
 """
@@ -264,8 +264,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--epochs", type=float, default=EPOCHS)
     parser.add_argument("--tiny", action="store_true", help="a few steps per method on a few examples (plumbing)")
-    parser.add_argument("--out", default=str(ROOT / "bench/results/adaptation_hf.json"))
-    parser.add_argument("--docs", default=str(ROOT / "docs"), help="folder for adaptation_hf.md / .png")
+    parser.add_argument("--out", default=str(ROOT / "docs/results/adaptation/hf/adaptation_hf.json"))
+    parser.add_argument("--docs", default=str(ROOT / "docs/results/adaptation/hf"), help="folder for adaptation_hf.md / .png")
     parser.add_argument("--replot", action="store_true", help="redraw the table and plot from --out, train nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one method, print its JSON record
     args = parser.parse_args()
@@ -319,7 +319,7 @@ def main() -> None:
 
 
 def report(result: dict, docs: Path) -> None:
-    """docs/adaptation_hf.md (the table) and docs/adaptation_hf.png from a result dict."""
+    """adaptation_hf.md (the table) and adaptation_hf.png in `docs` from a result dict."""
     records, task = result["records"], result["task"]
     docs.mkdir(parents=True, exist_ok=True)
     (docs / "adaptation_hf.md").write_text(table(records) + "\n")

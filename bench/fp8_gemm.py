@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="toy size on the CPU, eager")
     parser.add_argument("--batch", type=int, default=768)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default="bench/results/fp8_gemm.json")
+    parser.add_argument("--out", default="docs/results/fp8_gemm/fp8_gemm.json")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")

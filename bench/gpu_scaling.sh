@@ -5,7 +5,7 @@
 set -uo pipefail
 N=${1:-2}
 STEPS=${2:-300}
-OUT=${OUT:-bench/results}
+OUT=${OUT:-docs/results/scaling}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/scaling_device.txt"

@@ -3,11 +3,11 @@
 # GPU, on our generated hard 9x9 set (data=sudoku, built on first use, ~40 s on 16 cores).
 #   bash bench/gpu_sudoku_recipe.sh curve [STEPS]        TRM-MLP, eval on 1000 test puzzles every 300 steps
 #   bash bench/gpu_sudoku_recipe.sh throughput [STEPS]   TRM-Att and TRM-MLP, compiled and eager, no evals
-# Metrics (metrics.jsonl per run) and a markdown summary land in $OUT (default bench/results/).
+# Metrics (metrics.jsonl per run) and a markdown summary land in $OUT (default docs/results/sudoku_recipe/<mode>/).
 set -uo pipefail
 MODE=${1:-curve}
 STEPS=${2:-}
-OUT=${OUT:-bench/results}
+OUT=${OUT:-docs/results/sudoku_recipe/$MODE}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"

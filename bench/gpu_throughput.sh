@@ -4,7 +4,7 @@
 #   bash bench/gpu_throughput.sh references      the official TRM and nano-trm (code under .ref/, never committed)
 #   bash bench/gpu_throughput.sh all
 set -uo pipefail
-OUT=${OUT:-bench/results}
+OUT=${OUT:-docs/results/throughput}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"

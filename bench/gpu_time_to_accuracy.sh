@@ -10,7 +10,7 @@
 # Start it on a FRESH device machine: a machine goes back 30 minutes after it was started, whatever runs on it
 # (on 2026-11-22 a warm machine was reused and the run was cut at 20 min, before its final eval).
 set -uo pipefail
-OUT=${OUT:-bench/results/tta}
+OUT=${OUT:-docs/results/time_to_accuracy/athena}
 RUN=outputs/tta_bench
 mkdir -p "$RUN" "$OUT"
 export PYTHONUNBUFFERED=1 ATHENA_DATA_DIR=${ATHENA_DATA_DIR:-data}

@@ -7,7 +7,7 @@ the 1B Llama prefill (2048 tokens), in bf16 on one GPU:
   triton_lora      x A^T (cuBLAS), then ONE Triton GEMM adding s (x A^T) B^T in its epilogue
 Autotuned over a few tile shapes; timed inside CUDA graphs (GPU time, no launch cost). Needs a CUDA GPU and Triton.
 
-    python bench/lora_gemm_probe.py --out bench/results/lora_gemm_probe.json
+    python bench/lora_gemm_probe.py --out docs/results/adapters/lora_gemm_probe.json
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (tl.dot needs >= 16)")
-    parser.add_argument("--out", default="bench/results/lora_gemm_probe.json")
+    parser.add_argument("--out", default="docs/results/adapters/lora_gemm_probe.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     dev, dt, M, R, s = "cuda", torch.bfloat16, args.tokens, args.rank, 2.0

@@ -1,7 +1,7 @@
 """What is allocated at the moment of peak GPU memory in one training step, Athena's or the official TRM's.
 
-    python3 bench/memory_at_peak.py --impl athena --recipe sudoku_mlp --out bench/results/memory_athena.txt
-    python3 bench/memory_at_peak.py --impl official --recipe sudoku_mlp --out bench/results/memory_official.txt
+    python3 bench/memory_at_peak.py --impl athena --recipe sudoku_mlp --out docs/results/memory_at_peak/athena.md
+    python3 bench/memory_at_peak.py --impl official --recipe sudoku_mlp --out docs/results/memory_at_peak/official.md
 
 After warm-up (compilation), the CUDA caching allocator records every allocation and free with its Python stack
 (`torch.cuda.memory._record_memory_history`) over --steps steps. Replaying that trace finds the moment of the most

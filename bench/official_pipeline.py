@@ -1,8 +1,8 @@
 """The official TRM's own training pipeline on our generated hard 9x9 Sudoku: its time to accuracy, for issue 4.
 
-    python bench/official_pipeline.py --ref-dir .ref/official --evals 7 --out bench/results/tta_official
-    python bench/time_to_accuracy.py --compare "Athena=bench/results/tta_bf16_stream/tta.json" \
-        "official=bench/results/tta_official/tta.json" --out bench/results/tta_official
+    python bench/official_pipeline.py --ref-dir .ref/official --evals 7 --out docs/results/time_to_accuracy/official
+    python bench/time_to_accuracy.py --compare "Athena=docs/results/time_to_accuracy/athena/tta.json" \
+        "official=docs/results/time_to_accuracy/official/tta.json" --out docs/results/time_to_accuracy/official
 
 Runs SamsungSAILMontreal/TinyRecursiveModels' `pretrain.py` (its code under --ref-dir, used for the measurement
 only and never committed) with the README's Sudoku command (TRM-MLP: arch=trm arch.mlp_t=True
@@ -137,7 +137,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000, help="training steps between evaluations")
     parser.add_argument("--max-minutes", type=float, default=27.0, help="stop the run after this long regardless")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs/official_pipeline")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tta_official")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/time_to_accuracy/official")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.run_dir = args.run_dir.resolve()  # the child runs inside it

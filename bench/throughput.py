@@ -1,7 +1,7 @@
 """Training throughput of Athena's TRM against the official TRM and nano-trm, on one GPU.
 
     python bench/throughput.py --impls athena official nano --recipes sudoku_att sudoku_mlp grid30_att \
-        --official-dir .ref/official --nano-dir .ref/nano --out bench/results/throughput.json
+        --official-dir .ref/official --nano-dir .ref/nano --out docs/results/throughput/throughput.json
 
 Athena is timed on its real training loop (`PretrainRecipe.train`: DataLoader feeding, carry, loss, backward,
 gradient clipping, both optimisers, EMA, device-side metrics and the log-step sync), on a synthetic dataset of the
@@ -232,7 +232,7 @@ def main() -> None:
     parser.add_argument("--official-dir", default=".ref/official")
     parser.add_argument("--nano-dir", default=".ref/nano")
     parser.add_argument("--profile", type=Path, default=None, help="write a kernel table per Athena recipe here")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/throughput.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/throughput/throughput.json")
     args = parser.parse_args()
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)

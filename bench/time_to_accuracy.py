@@ -1,8 +1,9 @@
 """Time to accuracy: the paper's Sudoku recipe on our generated hard 9x9 set for a fixed wall-clock budget.
 
-    python bench/time_to_accuracy.py --minutes 20 --out bench/results/tta
-    python bench/time_to_accuracy.py --compare "bf16 stream=bench/results/tta_bf16_stream/tta.json" \
-        "fp32 stream=bench/results/tta/tta.json" --out bench/results/tta_bf16_stream   # curves on one plot
+    python bench/time_to_accuracy.py --minutes 20 --out docs/results/time_to_accuracy/athena
+    python bench/time_to_accuracy.py --compare "bf16 stream=docs/results/time_to_accuracy/athena_clipped_2026-11-23/tta.json" \
+        "fp32 stream=docs/results/time_to_accuracy/athena_fp32_stream_2026-11-22/tta.json" \
+        --out docs/results/time_to_accuracy/athena_clipped_2026-11-23   # curves on one plot
 
 One continuous `pretrain.py experiment=sudoku_extreme_1k` run (TRM-MLP, batch 768, bf16, compiled) stopped by
 `train.max_minutes`; it evaluates exact accuracy on a fixed subsample of the test split every --eval-every steps
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=1000)
     parser.add_argument("--eval-examples", type=int, default=1000)
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs/time_to_accuracy")
-    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/tta")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs/results/time_to_accuracy/athena")
     parser.add_argument("--replot", type=Path, default=None, metavar="METRICS_JSONL",
                         help="only redraw tta.json/tta.png from a run's metrics.jsonl, timed from its first record "
                              "(for a run whose launcher was cut off before it wrote tta.json)")
