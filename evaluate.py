@@ -1,10 +1,11 @@
-"""Evaluate a checkpoint on a puzzle test split.
+"""Evaluate a checkpoint on a test split.
 
-    python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt
-    python evaluate.py checkpoint=... data=sudoku_x eval.max_examples=1000 eval.weights=raw
+    python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt      # or the run folder
+    python evaluate.py checkpoint=... data=sudoku_x eval.max_examples=1000 eval.weights=raw [evaluator=arc]
 
-Uses the config stored in the checkpoint (arch, data), the EMA weights by default, and writes
-eval/<name>.json plus plots (accuracy per ACT step, halting histogram) next to the run.
+Uses the config stored in the checkpoint (arch, adapters, data, evaluator), builds the model by the same path
+training does (athena.models.build), loads the EMA weights by default, scores it with the run's evaluator (or the
+one given) and writes eval/<name>.json plus plots next to the run.
 """
 
 from __future__ import annotations
@@ -22,19 +23,18 @@ log = logging.getLogger("athena")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
+    from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
+    from athena.checkpoint import CheckpointError, load_checkpoint, load_weights, model_weights, resolve_checkpoint_path
     from athena.config import validate_config
     from athena.data.build import ensure_dataset
-    from athena.data.format import PuzzleBatchSampler, PuzzleDataset
-    from athena.eval.plots import plot_accuracy_by_step
-    from athena.eval.puzzle_eval import evaluate_puzzles
+    from athena.data.format import PuzzleDataset
+    from athena.data.sampler import PuzzleBatchSampler
+    from athena.device import autocast_for, pick_device
     from athena.errors import AthenaError
-    from athena.training.checkpoint import (
-        CheckpointError, load_checkpoint, load_weights, model_weights, resolve_checkpoint_path,
-    )
-    from athena.training.distributed import pick_device
-    from athena.training.recipe import attach_adapter, autocast_for, build_model, dataset_dir
+    from athena.eval.evaluators import EvalContext
+    from athena.models.build import build_run_model
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise AthenaError("no checkpoint given: python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt "
@@ -45,21 +45,23 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         raise CheckpointError(f"{checkpoint} carries no run config; evaluate a checkpoint written by pretrain.py")
     stored = dict(state["config"])
     trained_on = (stored.get("data") or {}).get("name")
-    if cfg.get("data") is not None:
-        stored["data"] = OmegaConf.to_container(cfg.data, resolve=True)
+    for section in ("data", "evaluator"):  # evaluate.py's own choice, where given, over the run's
+        if cfg.get(section) is not None:
+            stored[section] = OmegaConf.to_container(cfg[section], resolve=True)
     stored["data_root"] = cfg.data_root
     run_cfg = validate_config(stored)
 
     device = pick_device(cfg.eval.device)
-    data_dir = ensure_dataset(dataset_dir(run_cfg), dict(run_cfg.data.build))
+    data = run_cfg.data
+    data_dir = ensure_dataset(run_cfg.dataset_dir(), dict(data.build))
     test_set = PuzzleDataset(data_dir, "test")
-    model = attach_adapter(build_model(run_cfg, test_set.metadata), run_cfg.adapter)  # an adapter run's checkpoint
+    model = build_run_model(run_cfg, test_set.metadata, load_init=False)  # the checkpoint holds every weight
     if cfg.eval.weights == "ema" and not state.get("ema"):
         raise CheckpointError(f"{checkpoint} has no EMA weights (trained with ema_decay=null); use eval.weights=raw")
     source = f"{checkpoint} (trained on data={trained_on})"
-    if run_cfg.data.name != trained_on:
+    if data.name != trained_on:
         meta = test_set.metadata
-        source += (f", evaluated on data={run_cfg.data.name} (vocab {meta.vocab_size}, seq_len {meta.seq_len}, "
+        source += (f", evaluated on data={data.name} (vocab {meta.vocab_size}, seq_len {meta.seq_len}, "
                    f"{meta.num_puzzle_identifiers} puzzle ids): pick a task of the same shape")
     load_weights(model, model_weights(state, cfg.eval.weights), source)
     model.to(device).eval()
@@ -68,31 +70,19 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     sampler = PuzzleBatchSampler(test_set, cfg.eval.batch_size, train=False, seed=run_cfg.seed,
                                  max_examples=cfg.eval.max_examples)
     loader = DataLoader(test_set, sampler=sampler, batch_size=None, pin_memory=device.type == "cuda")
-    is_arc = run_cfg.data.build["_target_"].endswith("build_arc")
-    result = evaluate_puzzles(model, loader, device, halt_max_steps=run_cfg.arch.halt_max_steps,
-                              progress=True, keep_predictions=is_arc, autocast=autocast)
-    arc_scores = {}
-    if is_arc:  # vote over the augmented copies of each test input, scored as ARC does
-        from athena.data.arc import arc_pass_at_k
-
-        kept = result.predictions
-        arc_scores = arc_pass_at_k(data_dir, kept["prediction"].numpy(), q_halt=kept["q_halt_logit"].numpy(),
-                                   example_indices=kept["index"].numpy())
+    evaluator = instantiate({"_target_": run_cfg.evaluator.target, **run_cfg.evaluator.kwargs()})
+    report = evaluator.evaluate(EvalContext(model=model, loader=loader, device=device, data_dir=data_dir,
+                                            autocast=autocast, progress=True))
 
     out_dir = Path(cfg.eval.output_dir) if cfg.eval.output_dir else checkpoint.resolve().parent.parent / "eval"
-    name = cfg.eval.name or f"test_{run_cfg.data.name}"
+    name = cfg.eval.name or f"test_{data.name}"
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {"checkpoint": str(checkpoint), "step": state.get("step"), "weights": cfg.eval.weights,
-               "data": run_cfg.data.name, **result.summary(), **arc_scores}
+               "data": data.name, **report.summary()}
     (out_dir / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    plot_accuracy_by_step(result.exact_accuracy_by_step, result.halt_step_counts, out_dir / f"{name}_by_step.png",
-                          title=f"{run_cfg.data.name}, {checkpoint.name}")
-    arc_line = (f", ARC pass@1 {100 * arc_scores['pass@1']:.2f}%, pass@2 {100 * arc_scores['pass@2']:.2f}% "
-                f"over {arc_scores['num_tasks']} tasks" if arc_scores else "")
-    print(f"[athena] {run_cfg.data.name} (n={result.count}, {cfg.eval.weights} weights): "
-          f"exact accuracy {100 * result.exact_accuracy:.2f}%, token accuracy {100 * result.token_accuracy:.2f}%, "
-          f"exact at Q-head halt {100 * result.exact_accuracy_at_halt:.2f}% after {result.mean_halt_steps:.1f} steps"
-          f"{arc_line}\n[athena] wrote {out_dir / (name + '.json')}")
+    report.plots(out_dir, title=f"{data.name}, {checkpoint.name}", stem=f"{name}_by_step")
+    print(f"[athena] {data.name} ({report.scope()}, {cfg.eval.weights} weights): {report.headline()}\n"
+          f"[athena] wrote {out_dir / (name + '.json')}")
     return summary
 
 

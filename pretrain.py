@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from athena.cli import exit_with_error, one_line_errors
-from athena.config import validate_config
+from athena.config import register_schema_defaults, validate_config
 from athena.errors import AthenaError
 
 log = logging.getLogger("athena")
@@ -41,25 +41,19 @@ def main(cfg: DictConfig) -> float:
     from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
 
     try:
-        recipe = PretrainRecipe(run_cfg, run_dir, config_dict)
+        recipe = PretrainRecipe(run_cfg, run_dir)
         try:
             recipe.setup()
             recipe.train()
-            result = recipe.finish()
+            report = recipe.finish()
         finally:
             recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
     except AthenaError as error:
         exit_with_error(str(error))
-    if not recipe.is_main:  # under torchrun only rank 0 reports
-        return result.exact_accuracy
-    run_dir = recipe.run_dir  # rank 0's folder under torchrun
-    print(
-        f"\n[athena] {run_cfg.data.name} test set (n={result.count}, EMA weights, {run_cfg.arch.halt_max_steps} steps): "
-        f"exact accuracy {100 * result.exact_accuracy:.2f}%, token accuracy {100 * result.token_accuracy:.2f}%, "
-        f"exact at Q-head halt {100 * result.exact_accuracy_at_halt:.2f}% after {result.mean_halt_steps:.1f} steps "
-        f"on average.\n[athena] run folder: {run_dir}"
-    )
-    return result.exact_accuracy
+    if recipe.is_main:  # under torchrun only rank 0 reports
+        print(f"\n[athena] {run_cfg.data.name} test set ({report.scope()}, EMA weights): {report.headline()}.\n"
+              f"[athena] run folder: {recipe.run_dir}")
+    return report.score
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -72,5 +66,6 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 if __name__ == "__main__":
+    register_schema_defaults()
     one_line_errors("config")
     main()

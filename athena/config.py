@@ -7,54 +7,42 @@ is impossible (negative lr, zero cycles, ...). Every `_target_` node keeps its n
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from athena.errors import AthenaError
-
-
-class ConfigError(AthenaError, ValueError):
-    """A run configuration that cannot work; the message says which key and how to fix it."""
+from athena.errors import ConfigError
+from athena.schema import Strict, TargetNode, describe
+from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+class ArchNode(TargetNode):
+    """conf/arch/*.yaml: `_target_` (the model class) + its hyperparameters, checked by the schema the model owns
+    (ARCH_SCHEMAS) in validate_config, so each rule and default lives in one place."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
-class TargetNode(Strict):
-    target: str = Field(alias="_target_")
-    partial: bool = Field(default=False, alias="_partial_")
+# The schema of each model class's hyperparameters (module:class, imported only when used).
+ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.config:TRMConfig"}
+# Schemas whose defaults conf/ composes as `/schema/<name>` (register_schema_defaults): the YAML options list what
+# they change, and every other knob is still there to override (arch.rope_theta=...) with its one default.
+SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig"}
 
 
-class TRMArch(TargetNode):
-    hidden_size: int = Field(gt=0)
-    num_heads: int = Field(gt=0)
-    expansion: float = Field(gt=0)
-    num_layers: int = Field(gt=0)
-    H_cycles: int = Field(ge=1)
-    L_cycles: int = Field(ge=1)
-    halt_max_steps: int = Field(ge=1)
-    halt_exploration_prob: float = Field(ge=0, le=1)
-    puzzle_emb_len: int = Field(ge=0)
-    mixer: Literal["attention", "mlp"]
-    rope_theta: float = Field(gt=0)
-    rms_norm_eps: float = Field(gt=0)
-    halt_loss_weight: float = Field(ge=0)
-    gradient_checkpointing: bool = False
-    loss_type: Literal["stablemax", "softmax"] = "stablemax"
-    puzzle_emb_dim: int | None = Field(default=None, gt=0)
-    stream_dtype: Literal["float32", "autocast"] = "autocast"
+class ComponentNode(TargetNode):
+    """A component built from config: `_target_` plus its keyword arguments (a test binds each node of conf/ to
+    its target's signature): the training task, the evaluator, extra callbacks and model transforms."""
 
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> TRMArch:
-        if self.mixer == "attention" and self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.mixer == "attention" and (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"head size hidden_size/num_heads = {self.hidden_size // self.num_heads} must be even "
-                             "(rotary embeddings rotate pairs)")
-        return self
+    model_config = ConfigDict(extra="allow", populate_by_name=True, protected_namespaces=())
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class NamedOnly(Strict):
@@ -141,72 +129,6 @@ class DataConfig(Strict):
         return self
 
 
-class OptimizerNode(TargetNode):
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    betas: tuple[float, float] | None = None
-    eps: float | None = Field(default=None, gt=0)
-    fused: bool | None = None
-
-
-class OptimizerConfig(Strict):
-    name: str
-    model: OptimizerNode
-    puzzle_embedding: OptimizerNode
-
-
-class LoggerConfig(Strict):
-    name: Literal["none", "wandb"]
-    project: str = "athena"
-    entity: str | None = None
-    run_name: str | None = None
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    tags: list[str] = []
-
-
-class TrainConfig(Strict):
-    global_batch_size: int = Field(gt=0)
-    steps: int | None = Field(default=None, gt=0)
-    epochs: float | None = Field(default=None, gt=0)
-    lr: float = Field(gt=0)
-    weight_decay: float = Field(ge=0)
-    puzzle_emb_lr: float = Field(gt=0)
-    puzzle_emb_weight_decay: float = Field(ge=0)
-    grad_accum_steps: int = Field(gt=0)
-    lr_warmup_steps: int = Field(ge=0)
-    lr_schedule: Literal["cosine", "constant"]
-    lr_min_ratio: float = Field(ge=0, le=1)
-    grad_clip: float | None = Field(default=None, gt=0)
-    precision: Literal["auto", "fp32", "bf16"]
-    compile: bool
-    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune"] = "default"
-    ema_decay: float | None = Field(default=None, ge=0, lt=1)
-    num_workers: int = Field(ge=0)
-    log_every: int = Field(gt=0)
-    eval_every: int | None = Field(default=None, gt=0)
-    eval_examples: int | None = Field(default=None, gt=0)
-    eval_batch_size: int = Field(gt=0)
-    checkpoint_every: int | None = Field(default=None, gt=0)
-    keep_checkpoints: int = Field(gt=0)
-    max_minutes: float | None = Field(default=None, gt=0)
-    # Under torchrun: ddp = replicated weights + one flat gradient all-reduce; fsdp = FSDP2 (fully_shard), the
-    # dense weights, gradients and optimizer state sharded over ranks. One process ignores it.
-    parallel: Literal["ddp", "fsdp"] = "ddp"
-
-    @model_validator(mode="after")
-    def _length_given_once(self) -> TrainConfig:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of train.steps and train.epochs (the other to null)")
-        if self.global_batch_size % self.grad_accum_steps:
-            raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not divisible by grad_accum_steps {self.grad_accum_steps}"
-            )
-        if self.parallel == "fsdp" and self.compile:
-            raise ValueError("train.compile=true is not supported with train.parallel=fsdp yet; "
-                             "use train.compile=false or train.parallel=ddp")
-        return self
-
-
 class RunConfig(Strict):
     seed: int
     device: str
@@ -214,13 +136,43 @@ class RunConfig(Strict):
     init_from: str | None = None
     data_root: str
     train: TrainConfig
-    arch: TRMArch
+    arch: ArchNode
     adapter: AdapterNode
     data: DataConfig
     optimizer: OptimizerConfig
     freezing: NamedOnly
     exit: NamedOnly
     logger: LoggerConfig
+    # Defaults for configs stored before these existed (TRM runs scored as puzzles).
+    task: ComponentNode = ComponentNode(target="athena.training.tasks.TRMTask")  # a batch -> a loss
+    evaluator: ComponentNode = ComponentNode(target="athena.eval.evaluators.PuzzleEvaluator")  # scores the test split
+    callbacks: list[ComponentNode] = []  # extra training callbacks (athena.training.callbacks.Callback)
+    model_transforms: list[ComponentNode] = []  # extra f(model, cfg) -> model, after the built-in ones
+    _arch_config: BaseModel | None = PrivateAttr(default=None)
+
+    @property
+    def arch_config(self) -> BaseModel | None:
+        """The arch's hyperparameters as the model's own schema (e.g. TRMConfig), every default filled in; None for
+        a model class without a registered schema."""
+        if self._arch_config is None:
+            self._arch_config = arch_schema(self.arch.target, self.arch.hyperparameters())
+        return self._arch_config
+
+    def dataset_dir(self) -> Path:
+        """Where this run's dataset is cached: data.dir, or <data_root>/<name>-<hash of its build spec>."""
+        from athena.data.build import dataset_dir
+
+        return dataset_dir(self.data.name, self.data.build, self.data_root, self.data.dir)
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole run config as a plain dict with every default filled in (arch included): what config.json and
+        checkpoints record, and what a resumed or evaluated run is checked against."""
+        out = self.model_dump(by_alias=True, mode="json")
+        schema = self.arch_config
+        if schema is not None:
+            out["arch"] = {"_target_": self.arch.target, **({"_partial_": True} if self.arch.partial else {}),
+                           **schema.model_dump(mode="json")}
+        return out
 
     @model_validator(mode="after")
     def _device_known(self) -> RunConfig:
@@ -229,26 +181,15 @@ class RunConfig(Strict):
         return self
 
 
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"]) or "config"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = f"unknown key (remove it, or check its spelling against conf/)"
-    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-        message = f"{message} (got {first['input']!r})"
-    more = len(error.errors()) - 1
-    tail = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
-    return f"invalid config: {where}: {message}{tail}"
-
-
 def validate_config(config: dict[str, Any]) -> RunConfig:
     """Check a resolved config (plain dict) and return it typed; raise ConfigError with one line."""
     config = {key: value for key, value in config.items() if key != "hydra"}
     try:
-        return RunConfig.model_validate(config)
+        run = RunConfig.model_validate(config)
     except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
+        raise ConfigError(f"invalid config: {describe(error)}") from None
+    run.arch_config  # the model's own schema: its rules and defaults, one line on the first problem
+    return run
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -260,5 +201,31 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    register_schema_defaults()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
+
+
+def register_schema_defaults() -> None:
+    """Put each schema's defaults in Hydra's ConfigStore as schema/<name>, for conf/ to compose. Call before
+    Hydra composes (pretrain.py, evaluate.py and compose_config do)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, path in SCHEMA_DEFAULTS.items():
+        store.store(group="schema", name=name, node=_load(path)().model_dump(mode="json"))
+
+
+def _load(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def arch_schema(target: str, hyperparameters: dict[str, Any]) -> BaseModel | None:
+    """The validated schema object of an arch node (None for a model class without a registered schema)."""
+    if target not in ARCH_SCHEMAS:
+        return None
+    try:
+        return _load(ARCH_SCHEMAS[target])(**hyperparameters)
+    except ValidationError as error:
+        raise ConfigError(f"invalid config: {describe(error, prefix='arch')}") from None

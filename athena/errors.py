@@ -5,3 +5,7 @@ keeps its traceback."""
 
 class AthenaError(Exception):
     """A user-facing problem; the message says what is wrong and how to fix it, in one line."""
+
+
+class ConfigError(AthenaError, ValueError):
+    """A run configuration that cannot work; the message says which key and how to fix it."""

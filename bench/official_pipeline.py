@@ -149,11 +149,10 @@ def main() -> None:
 
     from athena.config import compose_config, validate_config
     from athena.data.build import ensure_dataset
-    from athena.training.recipe import dataset_dir
 
     cfg = validate_config(compose_config(["experiment=sudoku_extreme_1k"]))
     build_start = time.time()
-    data = dataset_dir(cfg).resolve()
+    data = cfg.dataset_dir().resolve()
     ensure_dataset(data, dict(cfg.data.build))
     build_s = time.time() - build_start
     train_meta = json.loads((data / "train/dataset.json").read_text())

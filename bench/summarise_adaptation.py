@@ -70,7 +70,7 @@ def export_weights(checkpoint: Path, out: Path) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from athena.training.checkpoint import load_checkpoint
+    from athena.checkpoint import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +80,7 @@ def export_weights(checkpoint: Path, out: Path) -> None:
 def wrap_weights(weights: Path, out: Path, overrides: list[str]) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from athena.config import compose_config, validate_config
-    from athena.training.checkpoint import FORMAT, atomic_save, load_checkpoint
+    from athena.checkpoint import FORMAT, atomic_save, load_checkpoint
 
     config = compose_config(overrides)
     validate_config(config)

@@ -41,7 +41,7 @@ PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12
 
 
 def swiglu_width(width: int, expansion: float) -> int:
-    from athena.models.layers import swiglu_intermediate_size
+    from athena.models.trm.layers import swiglu_intermediate_size
     return swiglu_intermediate_size(width, expansion)
 
 
@@ -107,7 +107,7 @@ def athena_trainer(recipe: str, overrides: list[str], warmup: int, steps: int):
     logging.basicConfig(level=logging.WARNING)
     config = athena_config(recipe, overrides, warmup + steps)
     cfg = validate_config(config)
-    trainer = PretrainRecipe(cfg, Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_")), config)
+    trainer = PretrainRecipe(cfg, Path(tempfile.mkdtemp(prefix=f"bench_{recipe}_")))
     trainer.setup()
     trainer.total_steps = warmup
     trainer.train()

@@ -120,11 +120,10 @@ def main() -> None:
 
     from athena.config import compose_config, validate_config
     from athena.data.build import ensure_dataset
-    from athena.training.recipe import dataset_dir
 
     cfg = validate_config(compose_config(overrides))
     build_start = time.time()
-    ensure_dataset(dataset_dir(cfg), dict(cfg.data.build))
+    ensure_dataset(cfg.dataset_dir(), dict(cfg.data.build))
     build_s = time.time() - build_start
 
     start = time.time()

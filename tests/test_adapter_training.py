@@ -73,13 +73,13 @@ def test_param_groups_hold_only_trainable_parameters():
 
 def test_adapter_that_fits_no_layer_is_one_config_line():
     from athena.models import TinyRecursiveModel
-    from athena.training.recipe import attach_adapter
+    from athena.models.build import apply_adapter
 
     model = TinyRecursiveModel(vocab_size=6, seq_len=16, num_puzzle_identifiers=1, hidden_size=32, num_heads=4,
                                num_layers=1, H_cycles=1, L_cycles=1, puzzle_emb_len=2)
-    node = validate_config(composed("adapter=lora", "adapter.target_modules=[q_proj]")).adapter
+    cfg = validate_config(composed("adapter=lora", "adapter.target_modules=[q_proj]"))
     with pytest.raises(ConfigError) as info:
-        attach_adapter(model, node)
+        apply_adapter(model, cfg)
     message = str(info.value)
     assert message.startswith("adapter=lora: ") and "q_proj" in message and "\n" not in message
 

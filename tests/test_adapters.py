@@ -12,7 +12,7 @@ from athena.adapters import (
     adapter_aux_loss, add_adapters, add_hybrid_adapter_to_model, count_parameters, load_adapter, merge_adapters,
     merge_and_unload, quantize_adapter_model, save_adapter, unmerge_adapters,
 )
-from athena.models.layers import Linear as AthenaLinear
+from athena.models.trm.layers import Linear as AthenaLinear
 from athena.models.trm import TinyRecursiveModel
 
 VOCAB, SEQ, NUM_IDS = 6, 16, 3

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from athena.training.checkpoint import (
+from athena.checkpoint import (
     CheckpointError, find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state, step_files,
 )
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from athena.models.trm import TinyRecursiveModel
-from athena.training.recipe import CompiledWithFallback
+from athena.training.compile import CompiledWithFallback
 
 
 def _model_and_batch():
@@ -145,7 +145,7 @@ def test_copy_out_copies_every_tensor_of_the_carry_and_keeps_gradients():
     """CUDA-graph modes copy the step's outputs out of the graph pool (the next replay overwrites it): every
     tensor of the nested carry/output must be a new storage with equal values, and the loss must stay
     differentiable."""
-    from athena.training.recipe import copy_out
+    from athena.training.compile import copy_out
 
     model, batch = _model_and_batch()
     carry, out = model(model.initial_carry(batch), batch)

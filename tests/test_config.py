@@ -10,10 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_method
 from omegaconf import OmegaConf
 
-from athena.config import ConfigError, validate_config
+from athena.config import ARCH_SCHEMAS, ConfigError, validate_config
 from conftest import CONF, run_script
 
-GROUPS = ["arch", "adapter", "data", "optimizer", "freezing", "exit", "logger", "experiment"]
+GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", "freezing", "exit", "logger",
+          "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -57,7 +58,10 @@ def test_targets_match_their_signatures(group, option):
     for path, node in _target_nodes(cfg):
         target = get_method(node["_target_"])
         params = inspect.signature(target).parameters
-        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        if node["_target_"] in ARCH_SCHEMAS:  # the model takes its hyperparameters as its schema's fields
+            module, _, name = ARCH_SCHEMAS[node["_target_"]].partition(":")
+            params = getattr(importlib.import_module(module), name).model_fields
+        takes_kwargs = any(getattr(p, "kind", None) is inspect.Parameter.VAR_KEYWORD for p in params.values())
         for key in node:
             if key.startswith("_"):
                 continue

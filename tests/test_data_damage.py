@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from athena.data.build import ensure_dataset
-from athena.data.format import DamagedDatasetError, DatasetError, PuzzleBatchSampler, PuzzleDataset
+from athena.data.format import DamagedDatasetError, DatasetError, PuzzleDataset
+from athena.data.sampler import PuzzleBatchSampler
 from athena.data.synthetic import build_synthetic
 from conftest import CONF, run_script
 

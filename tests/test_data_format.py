@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from athena.data.build import ensure_dataset
-from athena.data.format import DatasetError, DatasetMetadata, PuzzleBatchSampler, PuzzleDataset, write_identifiers, write_split
+from athena.data.format import DatasetError, DatasetMetadata, PuzzleDataset, write_identifiers, write_split
+from athena.data.sampler import PuzzleBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,8 @@ from athena.data.format import DatasetError
 
 import athena.data.build
 from athena.data.format import PuzzleDataset
-from athena.data.sudoku import (BOX_SHAPES, apply_shuffle, build_sudoku, build_sudoku_extreme, canonical_key,
+from athena.data.sudoku_extreme import build_sudoku_extreme
+from athena.data.sudoku import (BOX_SHAPES, apply_shuffle, build_sudoku, canonical_key,
                                 generate_puzzle, is_valid_solution, random_shuffle, solve)
 
 CONFIGS = [(4, False), (6, False), (9, False), (4, True), (6, True), (9, True)]

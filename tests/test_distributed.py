@@ -57,6 +57,13 @@ def train_rows(run_dir):
     return [r for r in rows if "train/lm_loss" in r]
 
 
+def assert_resumed(run_dir, checkpoint: str, step: int, first_logged: int) -> None:
+    """The run continued from `checkpoint` (a run from scratch would reach the same end state: equality of the end
+    state alone cannot tell), and its first logged window follows that checkpoint's step."""
+    assert f"resumed from {checkpoint} at step {step}" in (run_dir / "pretrain.log").read_text()
+    assert train_rows(run_dir)[0]["step"] == first_logged
+
+
 def load(run_dir, name="last.pt"):
     return torch.load(run_dir / "checkpoints" / name, weights_only=True)
 
@@ -169,14 +176,15 @@ def test_only_rank_zero_writes_and_checkpoints_keep_every_ranks_slots(runs):
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.pt")) == ["last.pt", "step_10.pt", "step_20.pt"]
     state = load(run_dir)
     assert state["world_size"] == 2 and len(state["rank_rng"]) == 2
-    assert len(state["carries"]) == 2  # [rank][micro-batch]
-    assert all(len(c) == 1 and c[0]["z_H"].shape[0] == 16 for c in state["carries"])
+    assert len(state["task"]) == 2  # [rank]["carries"][micro-batch]
+    assert all(len(t["carries"]) == 1 and t["carries"][0]["z_H"].shape[0] == 16 for t in state["task"])
 
 
 def test_resume_with_two_processes_equals_uninterrupted(runs, tmp_path, data_root):
     dirs, _ = runs
     torchrun(*COMMON, f"hydra.run.dir={tmp_path}", f"resume={dirs['ddp']}/checkpoints/step_10.pt",
              data_root=data_root)
+    assert_resumed(tmp_path, f"{dirs['ddp']}/checkpoints/step_10.pt", step=10, first_logged=15)
     uninterrupted, resumed = load(dirs["ddp"], "step_20.pt"), load(tmp_path, "step_20.pt")
     for part in ("model", "ema"):
         for name, tensor in uninterrupted[part].items():
@@ -189,7 +197,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_with_fresh_slots(runs, 
                       f"resume={dirs['ddp']}/checkpoints/step_10.pt", data_root=data_root)
     assert "restart from fresh carries" in proc.stderr + proc.stdout
     state = load(tmp_path)
-    assert state["step"] == 20 and state["world_size"] == 1 and len(state["carries"]) == 1
+    assert state["step"] == 20 and state["world_size"] == 1 and len(state["task"]["carries"]) == 1
 
 
 def test_poly_adapter_under_two_processes_equals_one_process_with_the_same_slots(runs, tmp_path, data_root):
@@ -295,6 +303,7 @@ def test_fsdp_resume_with_two_processes_equals_uninterrupted(fsdp_runs, tmp_path
     run_dir = fsdp_runs[0]["fsdp"]
     torchrun(*FSDP, "train.eval_every=null", f"hydra.run.dir={tmp_path}",
              f"resume={run_dir}/checkpoints/step_10.pt", data_root=data_root)
+    assert_resumed(tmp_path, f"{run_dir}/checkpoints/step_10.pt", step=10, first_logged=15)
     uninterrupted, resumed = load(run_dir, "step_20.pt"), load(tmp_path, "step_20.pt")
     for part in ("model", "ema"):
         for name, tensor in uninterrupted[part].items():

@@ -3,6 +3,7 @@ ends with exactly the parameters of an uninterrupted run."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -13,7 +14,7 @@ import time
 import torch
 
 from conftest import ONE_THREAD_ENV, ROOT, run_script
-from athena.training.checkpoint import step_files
+from athena.checkpoint import step_files
 
 OVERRIDES = ("experiment=smoke", "train.steps=60", "train.checkpoint_every=3", "train.log_every=3",
              "train.eval_every=null")
@@ -50,9 +51,23 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, data_root):
         kills_after.append(_newest_step(run_dir / "checkpoints"))
     assert kills_after == sorted(kills_after) and kills_after[-1] < 60
 
-    # what a kill during torch.save leaves behind: a partial temp file, which resume must ignore
-    (run_dir / "checkpoints" / f".step_{kills_after[-1] + 3}.pt.tmp-999").write_bytes(os.urandom(1000))
+    # what a kill during torch.save leaves behind: a partial temp file, which resume must ignore (and remove)
+    partial = run_dir / "checkpoints" / f".step_{kills_after[-1] + 3}.pt.tmp-999"
+    partial.write_bytes(os.urandom(1000))
     run_script("pretrain.py", *OVERRIDES, f"hydra.run.dir={run_dir}", "resume=auto", data_root=data_root)
+    assert not partial.exists()
+
+    # Every restart really continued (a run from scratch would also end with the reference's weights): the log
+    # names the step each one resumed from (at or after the newest step file seen before its kill), metrics.jsonl
+    # has every log step, and step 3 only once: a restart from scratch would log it again. (Other steps may appear
+    # twice: a window logged after the last checkpoint and before a kill is logged again by the restart.)
+    log = (run_dir / "pretrain.log").read_text()
+    resumed_at = [int(line.rsplit(" at step ", 1)[1]) for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed_at) == 3 and all(r >= k for r, k in zip(resumed_at, kills_after)), (resumed_at, kills_after)
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_steps = sorted(set(logged))
+    assert train_steps == list(range(3, 61, 3)), train_steps
+    assert logged.count(3) == 1, logged
 
     expected = torch.load(reference / "checkpoints" / "step_60.pt", weights_only=True)
     resumed = torch.load(run_dir / "checkpoints" / "step_60.pt", weights_only=True)

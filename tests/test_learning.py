@@ -23,11 +23,11 @@ def test_small_trm_learns_4x4_sudoku(tmp_path, data_root, monkeypatch):
         cfg = compose(config_name="config", overrides=overrides)
     config = OmegaConf.to_container(cfg, resolve=True)
     torch.set_num_threads(2)
-    recipe = PretrainRecipe(validate_config(config), tmp_path, config)
+    recipe = PretrainRecipe(validate_config(config), tmp_path)
     recipe.setup()
-    before = recipe.evaluate(max_examples=None)
+    before = recipe.evaluate(max_examples=None).result
     recipe.train()
-    after = recipe.finish()
+    after = recipe.finish().result
     assert before.count == after.count == 12
     assert before.exact_accuracy == 0.0  # guessing ~11 blanks of 4 candidates: ~2e-7
     assert after.exact_accuracy >= 0.75, after.summary()

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from athena.models.losses import deep_supervision_loss, softmax_cross_entropy, stablemax_cross_entropy
+from athena.models.trm.losses import deep_supervision_loss, softmax_cross_entropy, stablemax_cross_entropy
 
 
 def stablemax_ce_reference(logits: np.ndarray, labels: np.ndarray, ignore_index: int = -100) -> np.ndarray:

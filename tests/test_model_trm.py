@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from athena.models import TinyRecursiveModel
-from athena.models.layers import swiglu_intermediate_size
+from athena.models.trm.layers import swiglu_intermediate_size
 
 VOCAB, SEQ, NUM_IDS = 6, 16, 7
 

@@ -141,7 +141,8 @@ def test_gradient_accumulation_runs_with_one_carry_per_micro_batch(tmp_path, dat
     run_script("pretrain.py", *SMOKE, "train.grad_accum_steps=2", "train.steps=10", f"hydra.run.dir={tmp_path}",
                data_root=data_root)
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert len(state["carries"]) == 2 and state["carries"][0]["z_H"].shape[0] == 16
+    carries = state["task"]["carries"]
+    assert len(carries) == 2 and carries[0]["z_H"].shape[0] == 16
 
 
 def test_export_to_safetensors_gives_the_ema_model(smoke_run, tmp_path, data_root):

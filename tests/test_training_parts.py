@@ -47,7 +47,7 @@ def test_data_loaders_leave_the_global_rng_alone(tmp_path, data_root):
     from athena.training.recipe import PretrainRecipe
 
     config = composed("experiment=smoke", f"data_root={data_root}", "device=cpu")
-    recipe = PretrainRecipe(validate_config(config), tmp_path, config)
+    recipe = PretrainRecipe(validate_config(config), tmp_path)
     recipe.setup()
     try:
         torch.manual_seed(123)

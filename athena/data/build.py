@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import collections.abc
 import fcntl
+import hashlib
 import importlib
 import json
 import multiprocessing
@@ -27,7 +28,7 @@ from athena.data.format import DamagedDatasetError, DatasetError, open_split
 
 ALIASES = {
     "sudoku": "athena.data.sudoku.build_sudoku",
-    "sudoku_extreme": "athena.data.sudoku.build_sudoku_extreme",
+    "sudoku_extreme": "athena.data.sudoku_extreme.build_sudoku_extreme",
     "maze": "athena.data.maze.build_maze",
     "arc": "athena.data.arc.build_arc",
     "synthetic": "athena.data.synthetic.build_synthetic",
@@ -118,6 +119,14 @@ def _exclusive(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def dataset_dir(name: str, build: dict, data_root: str | Path, directory: str | Path | None = None) -> Path:
+    """`directory` if given (data.dir), else <data_root>/<name>-<hash of the build spec>: each spec its own cache."""
+    if directory:
+        return Path(directory)
+    digest = hashlib.sha1(json.dumps(build, sort_keys=True).encode()).hexdigest()[:8]
+    return Path(data_root) / f"{name}-{digest}"
 
 
 def ensure_dataset(out_dir: str | Path, build: dict) -> Path:

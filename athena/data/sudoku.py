@@ -7,7 +7,6 @@ Grids are (n, n) or flat (n*n,) integer arrays of digits, 0 = blank. Tokens on d
 
 from __future__ import annotations
 
-import csv
 import functools
 import itertools
 import random
@@ -15,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from athena.data.build import generate_distinct, parallel_map
 from athena.data.dihedral import dihedral
@@ -325,7 +323,7 @@ def _generate_worker(args) -> tuple[tuple[np.ndarray, np.ndarray, int, bytes], b
     return (puzzle, solution, guesses, key), key
 
 
-def _augment_worker(args) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+def augment_worker(args) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     """The original and `num_aug` shuffled copies of one puzzle, plus (where the canonical key does not
     already cover shuffles) the keys of the copies."""
     puzzle, solution, num_aug, diagonal, seed, index, need_keys = args
@@ -341,7 +339,7 @@ def _augment_worker(args) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
     return puzzles, solutions, keys
 
 
-def _write_sudoku_split(out_dir: Path, split: str, puzzles: np.ndarray, solutions: np.ndarray,
+def write_sudoku_split(out_dir: Path, split: str, puzzles: np.ndarray, solutions: np.ndarray,
                         group_sizes: np.ndarray, n: int, difficulty: np.ndarray | None = None) -> None:
     # digits -> tokens: blank 0 -> 1, digit d -> d + 1
     inputs = (puzzles.reshape(len(puzzles), n * n) + 1).astype(np.uint8)
@@ -366,7 +364,7 @@ def build_sudoku(out_dir: str | Path, *, size: int = 9, diagonal: bool = False, 
 
     train = generate_distinct(_generate_worker, lambda i: common + (0, i), num_train, desc=f"{name} train")
     exclude = {key for _, _, _, key in train}
-    augmented = parallel_map(_augment_worker, [(p, s, num_aug, diagonal, seed, i, not keys_cover_shuffles)
+    augmented = parallel_map(augment_worker, [(p, s, num_aug, diagonal, seed, i, not keys_cover_shuffles)
                                                for i, (p, s, _, _) in enumerate(train)], desc=f"{name} augment")
     for _, _, keys in augmented:
         exclude.update(keys)
@@ -374,85 +372,10 @@ def build_sudoku(out_dir: str | Path, *, size: int = 9, diagonal: bool = False, 
                              desc=f"{name} test")
 
     train_guesses = np.repeat([g for _, _, g, _ in train], num_aug + 1)
-    _write_sudoku_split(out_dir, "train", np.concatenate([a[0] for a in augmented]),
+    write_sudoku_split(out_dir, "train", np.concatenate([a[0] for a in augmented]),
                         np.concatenate([a[1] for a in augmented]), np.full(num_train, num_aug + 1), size,
                         train_guesses)
-    _write_sudoku_split(out_dir, "test", np.stack([t[0] for t in test]), np.stack([t[1] for t in test]),
+    write_sudoku_split(out_dir, "test", np.stack([t[0] for t in test]), np.stack([t[1] for t in test]),
                         np.ones(num_test, dtype=np.int64), size, np.array([t[2] for t in test]))
     write_identifiers(out_dir, ["<blank>"])
     return out_dir
-
-
-# ----------------------------------------------------------------------------------------------------- CSV (Sudoku-Extreme)
-
-CSV_HEADER = ["source", "question", "answer", "rating"]
-
-
-def read_sudoku_csv(csv_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(puzzles, solutions) as (N, 81) uint8 digits from a `source,question,answer,rating` CSV
-    (question: '.' or '0' for blanks). Raises ValueError naming the first bad line."""
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise DatasetError(f"sudoku CSV not found: {csv_path}")
-    table = np.full(256, 255, dtype=np.uint8)
-    table[[ord(c) for c in "0123456789"]] = np.arange(10)
-    table[ord(".")] = 0
-    questions, answers = [], []
-    with open(csv_path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header != CSV_HEADER:
-            raise DatasetError(f"{csv_path}:1: header must be {','.join(CSV_HEADER)}, got {header}")
-        for row in tqdm(reader, desc=f"read {csv_path.name}", unit=" rows"):
-            line = reader.line_num
-            if len(row) != 4:
-                raise DatasetError(f"{csv_path}:{line}: expected 4 fields (source,question,answer,rating), got {len(row)}")
-            question, answer = row[1], row[2]
-            if len(question) != 81 or not set(question) <= set(".0123456789"):
-                raise DatasetError(f"{csv_path}:{line}: question must be 81 characters of 1-9, '.' or '0', got {question!r}")
-            if len(answer) != 81 or not set(answer) <= set("123456789"):
-                raise DatasetError(f"{csv_path}:{line}: answer must be 81 digits 1-9, got {answer!r}")
-            q = table[np.frombuffer(question.encode(), dtype=np.uint8)]
-            a = table[np.frombuffer(answer.encode(), dtype=np.uint8)]
-            if np.any((q != 0) & (q != a)):
-                raise DatasetError(f"{csv_path}:{line}: answer contradicts a given of the question")
-            questions.append(q)
-            answers.append(a)
-    if not questions:
-        raise DatasetError(f"{csv_path}: no puzzles after the header")
-    return np.stack(questions), np.stack(answers)
-
-
-def load_sudoku_csv(csv_path: str | Path, out_dir: str | Path, *, split: str | None = None, num_aug: int = 0,
-                    subsample: int | None = None, seed: int = 0) -> Path:
-    """Write one split (default: the CSV's stem, e.g. train.csv -> "train") of 9x9 puzzles from a CSV,
-    optionally a seeded random subset of `subsample` puzzles, each with num_aug shuffled copies."""
-    out_dir, split = Path(out_dir), split or Path(csv_path).stem
-    puzzles, solutions = read_sudoku_csv(csv_path)
-    if subsample is not None and subsample < len(puzzles):
-        keep = np.sort(np.random.default_rng([seed, 3]).choice(len(puzzles), size=subsample, replace=False))
-        puzzles, solutions = puzzles[keep], solutions[keep]
-    if num_aug:
-        augmented = parallel_map(_augment_worker, [(p, s, num_aug, False, seed, i, False)
-                                                   for i, (p, s) in enumerate(zip(puzzles, solutions))],
-                                 desc=f"augment {split}")
-        puzzles = np.concatenate([a[0] for a in augmented])
-        solutions = np.concatenate([a[1] for a in augmented])
-    group_sizes = np.full(len(puzzles) // (num_aug + 1), num_aug + 1)
-    _write_sudoku_split(out_dir, split, puzzles, solutions, group_sizes, 9)
-    write_identifiers(out_dir, ["<blank>"])
-    return out_dir
-
-
-def build_sudoku_extreme(out_dir: str | Path, *, source_dir: str | Path, num_aug: int = 0,
-                         subsample: int | None = None, test_subsample: int | None = None, seed: int = 0) -> Path:
-    """The public Sudoku-Extreme layout: source_dir/train.csv and source_dir/test.csv (TRM: subsample=1000,
-    num_aug=1000). Augmentation and `subsample` apply to train only."""
-    source_dir = Path(source_dir)
-    missing = [str(source_dir / f) for f in ("train.csv", "test.csv") if not (source_dir / f).is_file()]
-    if missing:
-        raise DatasetError(f"Sudoku-Extreme CSVs missing: {', '.join(missing)} "
-                                f"(expected a folder with train.csv and test.csv)")
-    load_sudoku_csv(source_dir / "train.csv", out_dir, split="train", num_aug=num_aug, subsample=subsample, seed=seed)
-    load_sudoku_csv(source_dir / "test.csv", out_dir, split="test", subsample=test_subsample, seed=seed)
-    return Path(out_dir)

@@ -1,15 +1,16 @@
-"""TRM model, its layers and losses. Plain PyTorch (no Hydra here)."""
+"""Models Athena trains: the Tiny Recursive Model (athena.models.trm); build.py turns a run config into a model.
 
-from athena.models.losses import deep_supervision_loss, softmax_cross_entropy, stablemax_cross_entropy
-from athena.models.puzzle_embedding import PuzzleEmbedding
-from athena.models.trm import SupervisionCarry, SupervisionOutput, TinyRecursiveModel
+Names are imported on first use (PEP 562): see athena.models.trm.
+"""
 
-__all__ = [
-    "TinyRecursiveModel",
-    "SupervisionCarry",
-    "SupervisionOutput",
-    "PuzzleEmbedding",
-    "deep_supervision_loss",
-    "stablemax_cross_entropy",
-    "softmax_cross_entropy",
-]
+import importlib
+
+_EXPORTS = {name: "athena.models.trm" for name in ("TinyRecursiveModel", "TRMConfig", "SupervisionCarry",
+                                                   "SupervisionOutput")}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from athena.device import pick_device
 from athena.errors import AthenaError
 
 log = logging.getLogger("athena")
@@ -58,28 +59,10 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def pick_device(name: str, info: DistInfo = DistInfo()) -> torch.device:
-    """The config's device; under torchrun `auto`/`cuda` mean cuda:LOCAL_RANK (one GPU per process)."""
-    cuda = torch.cuda.is_available()
-    if name.startswith("cuda") and not cuda:
-        raise AthenaError(f"device={name} asked for, but no CUDA GPU is visible; use device=cpu or device=auto")
-    if not info.enabled:
-        return torch.device("cuda" if cuda else "cpu") if name == "auto" else torch.device(name)
-    if name == "cpu" or (name == "auto" and not cuda):
-        return torch.device("cpu")
-    if name in ("auto", "cuda"):
-        if info.local_rank >= torch.cuda.device_count():
-            raise AthenaError(f"LOCAL_RANK {info.local_rank} but only {torch.cuda.device_count()} GPUs are visible: "
-                              "start at most one process per GPU (torchrun --nproc_per_node)")
-        return torch.device("cuda", info.local_rank)
-    raise AthenaError(f"device={name} pins every process to one GPU; with torchrun use device=auto or device=cuda "
-                      "(each process takes cuda:LOCAL_RANK)")
-
-
 def init(device_name: str) -> tuple[DistInfo, torch.device]:
     """Start the process group when launched by torchrun (nccl on GPUs, gloo on CPU); return (info, device)."""
     info = env_info()
-    device = pick_device(device_name, info)
+    device = pick_device(device_name, info.local_rank if info.enabled else None)
     if not info.enabled:
         return info, device
     if not dist.is_available():
@@ -256,12 +239,14 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard_model(model: torch.nn.Module, device: torch.device) -> None:
-    """FSDP2 in place: each block of `model.net.layers`, then the root (which takes the remaining dense params:
-    token embedding, lm_head, q_head). Gradients are SUMMED over ranks (divide factor 1, plain SUM collectives),
-    like sync_gradients does for the replicated path: each rank's loss is already divided by the global batch.
+def shard_model(model: torch.nn.Module, device: torch.device, sparse: list[torch.nn.Parameter]) -> None:
+    """FSDP2 in place: each of the model's `fsdp_units()` (TRM: the blocks of its reasoning net; none if it has no
+    such method), then the root, which takes the remaining dense params (TRM: token embedding, lm_head, q_head).
+    The `sparse` parameters (TRM's puzzle embedding, trained with sparse gradients) stay replicated. Gradients are
+    SUMMED over ranks (divide factor 1, plain SUM collectives), like sync_gradients does for the replicated path:
+    each rank's loss is already divided by the global batch.
 
-    reshard_after_forward=False for the blocks: the TRM calls `net` H_cycles x (L_cycles + 1) times per forward,
+    reshard_after_forward=False for the units: the TRM calls `net` H_cycles x (L_cycles + 1) times per forward,
     most under no_grad; resharding after each call would all-gather every block again for every call. Kept
     unsharded, a block is all-gathered once for the whole forward. In backward FSDP's post-backward runs once per
     differentiated call (L_cycles + 1 of them): each reduce-scatters (sums) that call's gradient into the sharded
@@ -275,13 +260,9 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> None:
     # FSDP2 warns once that the root returns views (the carry's detached states, the logits slice); nothing
     # applies an in-place op to them.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    layers = getattr(getattr(model, "net", None), "layers", None)
-    if layers is None:
-        raise AthenaError(f"train.parallel=fsdp shards the blocks of model.net.layers, which {type(model).__name__} "
-                          "does not have; use train.parallel=ddp")
+    layers = model.fsdp_units() if hasattr(model, "fsdp_units") else []
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    table = getattr(model, "puzzle_embedding", None)
-    ignored = set(table.parameters()) if table is not None else set()
+    ignored = set(sparse)
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, ignored_params=ignored or None)

@@ -25,9 +25,13 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        shadow = list(self.shadow.values())
-        current = [p.detach().float() for p in self.params.values()]
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        """One EMA step for the parameters that train now; a frozen one (requires_grad off mid-run, see
+        PretrainRecipe.set_trainable) keeps its average until it thaws."""
+        names = [name for name, p in self.params.items() if p.requires_grad]
+        shadow = [self.shadow[name] for name in names]
+        current = [self.params[name].detach().float() for name in names]
+        if shadow:
+            torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
 
     @contextmanager
     def applied(self):

@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from athena.errors import AthenaError
-from athena.training.checkpoint import CheckpointError, load_checkpoint, model_weights
+from athena.checkpoint import CheckpointError, load_checkpoint, model_weights
 
 
 def export_safetensors(checkpoint: str | Path, out: str | Path | None = None, weights: str = "ema") -> Path:

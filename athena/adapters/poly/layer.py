@@ -41,7 +41,7 @@ def base_dims(layer: nn.Module) -> tuple[int, int, bool]:
 
 
 def _is_athena_linear(layer: nn.Module) -> bool:
-    from athena.models.layers import Linear
+    from athena.models.trm.layers import Linear
 
     return isinstance(layer, Linear)
 

@@ -7,8 +7,9 @@ cross-entropy. Halting loss: BCE of the halt logit against "this sequence is exa
 import torch
 import torch.nn.functional as F
 
+from athena.models.trm.config import LOSS_TYPES
+
 IGNORE_INDEX = -100
-LOSS_TYPES = ("stablemax", "softmax")
 
 
 def log_stablemax(logits: torch.Tensor, dim: int = -1) -> torch.Tensor:

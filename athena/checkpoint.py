@@ -1,5 +1,6 @@
-"""Full-state checkpoints: plain containers of tensors, written atomically, loadable with
-`torch.load(weights_only=True)` (no pickled classes).
+"""Checkpoint files: plain containers of tensors, written atomically, loaded with `torch.load(weights_only=True)`
+(no pickled classes), and the model weights in them. Training writes and resumes them; evaluation and export
+only read them, which is why this is not under athena/training.
 
 Layout in a run folder: checkpoints/step_N.pt (the newest K kept) and checkpoints/last.pt.
 """

@@ -11,37 +11,18 @@ head decides, per slot, when a puzzle is done so its slot can take a fresh one (
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
+from pydantic import ValidationError
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from athena.models.layers import Block, Linear, RotaryEmbedding, trunc_normal_
-from athena.models.losses import LOSS_TYPES, deep_supervision_loss
-from athena.models.puzzle_embedding import PuzzleEmbedding
 
-MIXERS = ("attention", "mlp")
-STREAM_DTYPES = ("float32", "autocast")
-
-
-@dataclass
-class SupervisionCarry:
-    """State carried between supervision steps; each batch slot is an independent puzzle attempt."""
-
-    z_H: torch.Tensor  # (B, puzzle_emb_len + seq_len, hidden) answer state y, detached
-    z_L: torch.Tensor  # (B, puzzle_emb_len + seq_len, hidden) latent state z, detached
-    steps: torch.Tensor  # (B,) int32 supervision steps taken by the slot's current puzzle
-    halted: torch.Tensor  # (B,) bool: the slot finished last call and takes new data on the next one
-    current_data: dict[str, torch.Tensor]  # the batch each slot is working on: inputs, labels, puzzle_identifiers
-
-
-@dataclass
-class SupervisionOutput:
-    loss: torch.Tensor  # scalar: SUM over the batch of (lm_loss + halt_loss_weight * q_halt_bce)
-    metrics: dict[str, torch.Tensor]  # 0-d float32 SUMS over slots that halted this step (see losses.py)
-    logits: torch.Tensor  # (B, seq_len, vocab), puzzle cells only
-    q_halt_logits: torch.Tensor  # (B,) float32; > 0 means "halt"
+from athena.models.trm.carry import SupervisionCarry, SupervisionOutput
+from athena.models.trm.config import TRMConfig
+from athena.models.trm.layers import Block, Linear, RotaryEmbedding, trunc_normal_
+from athena.models.trm.losses import deep_supervision_loss
+from athena.models.trm.puzzle_embedding import PuzzleEmbedding
 
 
 class ReasoningNet(nn.Module):
@@ -69,49 +50,29 @@ class ReasoningNet(nn.Module):
 
 
 class TinyRecursiveModel(nn.Module):
-    def __init__(
-        self,
-        vocab_size: int,
-        seq_len: int,
-        num_puzzle_identifiers: int,
-        hidden_size: int = 512,
-        num_heads: int = 8,
-        expansion: float = 4.0,
-        num_layers: int = 2,
-        H_cycles: int = 3,
-        L_cycles: int = 6,
-        halt_max_steps: int = 16,
-        halt_exploration_prob: float = 0.1,
-        puzzle_emb_len: int = 16,
-        mixer: str = "attention",
-        rope_theta: float = 10000.0,
-        rms_norm_eps: float = 1e-5,
-        halt_loss_weight: float = 0.5,
-        gradient_checkpointing: bool = False,
-        loss_type: str = "stablemax",
-        puzzle_emb_dim: int | None = None,
-        stream_dtype: str = "autocast",
-    ):
-        """puzzle_emb_dim: learned values per puzzle identifier; None = hidden_size as in official TRM (only the
-        first of the puzzle_emb_len prefix tokens is learned, the rest are zeros). Up to puzzle_emb_len*hidden.
-        stream_dtype: "autocast" (default) casts the states y, z and the input embedding to the autocast dtype (bf16)
-        once per step, so the carry and every residual add stay bf16, as the official TRM's forward_dtype=bfloat16
-        does: about 2.65 MB/sample less saved for backward on TRM-MLP and half the bytes for the memory-bound
-        norm/residual kernels (H100, TRM-MLP: -2.5 GB peak, +4% samples/s, same accuracy per step; docs/benchmarks.md).
-        "float32" keeps them in float32 while only the matmuls autocast. Without autocast both are the same."""
+    def __init__(self, vocab_size: int, seq_len: int, num_puzzle_identifiers: int, config: TRMConfig | None = None,
+                 **hyperparameters):
+        """The sizes come from the data; the rest is a TRMConfig (defaults: the paper's TRM-Att), given whole or as
+        keyword arguments (`TinyRecursiveModel(8, 36, 1, hidden_size=128, mixer="mlp")`, as Hydra builds it).
+        A bad value raises one ValueError line naming it."""
         super().__init__()
-        if puzzle_emb_dim is None:
-            puzzle_emb_dim = hidden_size
-        _validate(dict(locals()))
+        config = config_from(config, hyperparameters)
+        if vocab_size < 1 or seq_len < 1:
+            raise ValueError(f"TinyRecursiveModel: vocab_size and seq_len must be >= 1, got {vocab_size} and {seq_len}")
+        if config.puzzle_emb_len and num_puzzle_identifiers < 1:
+            raise ValueError("TinyRecursiveModel: num_puzzle_identifiers must be >= 1 when puzzle_emb_len > 0, got "
+                             f"{num_puzzle_identifiers}")
+        self.config = config
+        hidden_size, num_heads, num_layers, mixer = config.hidden_size, config.num_heads, config.num_layers, config.mixer
+        puzzle_emb_len, puzzle_emb_dim = config.puzzle_emb_len, config.puzzle_table_dim
+        self.H_cycles, self.L_cycles = config.H_cycles, config.L_cycles
+        self.halt_max_steps, self.halt_exploration_prob = config.halt_max_steps, config.halt_exploration_prob
+        self.halt_loss_weight, self.loss_type = config.halt_loss_weight, config.loss_type
+        self.gradient_checkpointing, self.stream_dtype = config.gradient_checkpointing, config.stream_dtype
 
         self.vocab_size, self.seq_len, self.hidden_size = vocab_size, seq_len, hidden_size
         self.num_heads, self.num_layers, self.mixer = num_heads, num_layers, mixer
-        self.H_cycles, self.L_cycles = H_cycles, L_cycles
-        self.halt_max_steps, self.halt_exploration_prob = halt_max_steps, halt_exploration_prob
-        self.halt_loss_weight, self.loss_type = halt_loss_weight, loss_type
         self.puzzle_emb_len = puzzle_emb_len
-        self.gradient_checkpointing = gradient_checkpointing
-        self.stream_dtype = stream_dtype
         self.total_len = puzzle_emb_len + seq_len  # the network runs over the puzzle prefix + the puzzle
 
         # Input: token embedding with std 1/sqrt(hidden), scaled by sqrt(hidden) -> unit-scale inputs.
@@ -123,16 +84,16 @@ class TinyRecursiveModel(nn.Module):
             self.puzzle_embedding = PuzzleEmbedding(num_puzzle_identifiers, puzzle_emb_dim, puzzle_emb_len, hidden_size)
         self.rotary = None  # the MLP mixer has no attention, hence no positions to rotate
         if mixer == "attention":
-            self.rotary = RotaryEmbedding(hidden_size // num_heads, self.total_len, rope_theta)
+            self.rotary = RotaryEmbedding(hidden_size // num_heads, self.total_len, config.rope_theta)
 
         self.net = ReasoningNet(
             num_layers,
             hidden_size=hidden_size,
             num_heads=num_heads,
-            expansion=expansion,
+            expansion=config.expansion,
             mixer=mixer,
             total_len=self.total_len,
-            eps=rms_norm_eps,
+            eps=config.rms_norm_eps,
         )
 
         # Fixed (not learned) starting points of y and z, broadcast to every position of a fresh slot.
@@ -251,6 +212,10 @@ class TinyRecursiveModel(nn.Module):
         dense = [p for p in self.parameters() if id(p) not in table_ids and p.requires_grad]
         return dense, sparse
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one (train.parallel=fsdp): those of the one reasoning network."""
+        return list(self.net.layers)
+
     def num_parameters(self, include_puzzle_embedding: bool = False) -> int:
         """Trainable parameter count; the puzzle table is excluded by default (it scales with the dataset)."""
         dense, sparse = self.param_groups()
@@ -264,37 +229,16 @@ class TinyRecursiveModel(nn.Module):
         )
 
 
-def _validate(args: dict) -> None:
-    """Raise one clear ValueError for the first bad constructor argument (args: the constructor's locals)."""
-    a = args
-    hidden, heads, plen = a["hidden_size"], a["num_heads"], a["puzzle_emb_len"]
-    checks = [
-        (a["mixer"] in MIXERS, f"mixer must be one of {MIXERS}, got {a['mixer']!r}"),
-        (a["loss_type"] in LOSS_TYPES, f"loss_type must be one of {LOSS_TYPES}, got {a['loss_type']!r}"),
-        (a["stream_dtype"] in STREAM_DTYPES, f"stream_dtype must be one of {STREAM_DTYPES}, got {a['stream_dtype']!r}"),
-        (a["vocab_size"] >= 1 and a["seq_len"] >= 1,
-         f"vocab_size and seq_len must be >= 1, got {a['vocab_size']} and {a['seq_len']}"),
-        (hidden >= 1 and a["num_layers"] >= 1,
-         f"hidden_size, num_layers must be >= 1, got {hidden}, {a['num_layers']}"),
-        (a["mixer"] != "attention" or (heads >= 1 and hidden % heads == 0),  # the MLP mixer has no heads
-         f"hidden_size ({hidden}) must be divisible by num_heads ({heads})"),
-        (a["mixer"] != "attention" or (hidden // max(heads, 1)) % 2 == 0,
-         f"head dim hidden_size/num_heads = {hidden // max(heads, 1)} must be even for RoPE"),
-        (a["expansion"] > 0, f"expansion must be > 0, got {a['expansion']}"),
-        (a["H_cycles"] >= 1, f"H_cycles must be >= 1, got {a['H_cycles']}"),
-        (a["L_cycles"] >= 1, f"L_cycles must be >= 1, got {a['L_cycles']}"),
-        (a["halt_max_steps"] >= 1, f"halt_max_steps must be >= 1, got {a['halt_max_steps']}"),
-        (0.0 <= a["halt_exploration_prob"] <= 1.0,
-         f"halt_exploration_prob must be in [0, 1], got {a['halt_exploration_prob']}"),
-        (plen >= 0, f"puzzle_emb_len must be >= 0 (0 disables the puzzle embedding), got {plen}"),
-        (plen == 0 or a["num_puzzle_identifiers"] >= 1,
-         f"num_puzzle_identifiers must be >= 1 when puzzle_emb_len > 0, got {a['num_puzzle_identifiers']}"),
-        (plen == 0 or 1 <= a["puzzle_emb_dim"] <= plen * hidden,
-         f"puzzle_emb_dim must be in [1, puzzle_emb_len*hidden_size={plen * hidden}], got {a['puzzle_emb_dim']}"),
-        (a["rope_theta"] > 0 and a["rms_norm_eps"] > 0,
-         f"rope_theta, rms_norm_eps must be > 0, got {a['rope_theta']}, {a['rms_norm_eps']}"),
-        (a["halt_loss_weight"] >= 0, f"halt_loss_weight must be >= 0, got {a['halt_loss_weight']}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(f"TinyRecursiveModel: {message}")
+def config_from(config: TRMConfig | None, hyperparameters: dict) -> TRMConfig:
+    """TRMConfig from a given config or keyword arguments (not both); its first problem as one ValueError line."""
+    if config is not None and hyperparameters:
+        raise ValueError(f"TinyRecursiveModel: give a config or keyword hyperparameters, not both ({sorted(hyperparameters)})")
+    if config is not None:
+        return config
+    try:
+        return TRMConfig(**hyperparameters)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = "unknown argument" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"TinyRecursiveModel: {where + ': ' if where else ''}{message}") from None
