@@ -18,22 +18,35 @@ Layout, each module importing only those above it:
     merge.py        merge_adapters, unmerge_adapters, merge_and_unload
     io.py           save_adapter / load_adapter (peft's format for LoRA-only and IA3-only adapters)
     quantize.py     quantize_adapter_model: an int8 base under the adapters
+
+Names are loaded on first use (module __getattr__): `athena.config` validates a run's `adapter:` against
+AdapterConfig without importing torch, which keeps `pretrain.py --help` and a bad config fast.
 """
 
-from athena.adapters.base import AdapterLayer, adapter_aux_loss, adapter_parameters, count_parameters
-from athena.adapters.bottleneck import BottleneckAdapter, BottleneckWrapper
-from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.hybrid import HybridAdapterConfig, add_hybrid_adapter_to_model
-from athena.adapters.inject import add_adapters
-from athena.adapters.io import load_adapter, save_adapter
-from athena.adapters.linear import Int8Linear
-from athena.adapters.merge import merge_adapters, merge_and_unload, unmerge_adapters
-from athena.adapters.poly import PolyAdapter
-from athena.adapters.quantize import quantize_adapter_model
+import importlib
 
-__all__ = [
-    "AdapterConfig", "AdapterConfigError", "AdapterLayer", "PolyAdapter", "BottleneckAdapter", "BottleneckWrapper",
-    "HybridAdapterConfig", "add_adapters", "add_hybrid_adapter_to_model", "adapter_aux_loss", "adapter_parameters",
-    "merge_adapters", "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter",
-    "quantize_adapter_model", "Int8Linear", "count_parameters",
-]
+_EXPORTS = {  # public name -> the module that defines it
+    "AdapterConfig": "config", "AdapterConfigError": "config",
+    "Int8Linear": "linear",
+    "AdapterLayer": "base", "adapter_aux_loss": "base", "adapter_parameters": "base", "count_parameters": "base",
+    "PolyAdapter": "poly",
+    "BottleneckAdapter": "bottleneck", "BottleneckWrapper": "bottleneck",
+    "add_adapters": "inject",
+    "HybridAdapterConfig": "hybrid", "add_hybrid_adapter_to_model": "hybrid",
+    "merge_adapters": "merge", "unmerge_adapters": "merge", "merge_and_unload": "merge",
+    "save_adapter": "io", "load_adapter": "io",
+    "quantize_adapter_model": "quantize",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

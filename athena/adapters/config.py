@@ -14,7 +14,7 @@ import dataclasses
 import functools
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
 from athena.errors import AthenaError
@@ -33,9 +33,41 @@ _IMPLIED = {
     "hybrid": dict(use_lora=True, use_ia3=False, use_moe=False),  # the parts put on apply_lora_to targets
 }
 
+
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return [value]  # a single name is a one-item list, not a list of characters
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError("must be a list") from None
+
+
+def _as_dict(value) -> dict:
+    try:
+        return dict(value or {})
+    except (TypeError, ValueError):
+        raise ValueError("must be a mapping of pattern -> rank") from None
+
+
+def _names(value) -> list[str] | None:
+    return None if value is None else [str(name) for name in _as_list(value)]
+
+
+def _selects_something(value: list[str] | None) -> list[str] | None:
+    if value == []:
+        raise ValueError("selects nothing; give module names/regexes or leave it unset for the defaults")
+    return value
+
+
+# The field types carry their checks and the normalising of what callers pass (tuples, OmegaConf containers, a
+# single name), so athena.config.AdapterNode, which takes these fields as they are, checks exactly the same.
 # Integers are strict (8.0 or True is not a rank); floats accept integers (alpha: 16).
 AtLeastOne = Annotated[StrictInt, Field(ge=1)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
+ModuleNames = Annotated[list[str] | None, BeforeValidator(_names)]
+LayerIndices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], BeforeValidator(_as_list)]
+RankPattern = Annotated[dict[str, AtLeastOne], BeforeValidator(_as_dict)]
 
 
 class AdapterConfigError(AthenaError, ValueError):
@@ -82,39 +114,17 @@ class AdapterConfig:
     expert_rank: AtLeastOne | None = None  # None -> the module's LoRA rank
     router_aux_weight: Annotated[float, Field(ge=0)] = 0.01
     router_z_weight: Annotated[float, Field(ge=0)] = 0.001
-    target_modules: list[str] | None = None  # names (suffix of the module path) or regexes; None -> family defaults
-    apply_lora_to: list[str] | None = None  # hybrid: modules that get LoRA; None -> attention projections
+    # names (suffix of the module path) or regexes; None -> the family's defaults
+    target_modules: Annotated[ModuleNames, AfterValidator(_selects_something)] = None
+    apply_lora_to: ModuleNames = None  # hybrid: modules that get LoRA; None -> attention projections, [] -> none
     bottleneck_size: AtLeastOne = 64
     bottleneck_activation: Activation = "gelu"
     bottleneck_dropout: Probability = 0.0
     bottleneck_gating: bool = False
     share_across_layers: bool = False  # hybrid: one bottleneck adapter per output width, shared by all layers
-    rank_pattern: dict[str, AtLeastOne] = Field(default_factory=dict)  # pattern -> rank override
-    layers_to_skip: list[Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=list)  # first integer in the path
+    rank_pattern: RankPattern = Field(default_factory=dict)  # pattern -> rank override
+    layers_to_skip: LayerIndices = Field(default_factory=list)  # the first integer in a module's path
     freeze_base: bool = True
-
-    # ---- normalising what callers pass (tuples, OmegaConf containers, a single name) ----
-    @field_validator("target_modules", "apply_lora_to", mode="before")
-    @classmethod
-    def _names_as_list(cls, value):
-        return None if value is None else [str(name) for name in _as_list(value)]
-
-    @field_validator("layers_to_skip", mode="before")
-    @classmethod
-    def _indices_as_list(cls, value):
-        return _as_list(value)
-
-    @field_validator("rank_pattern", mode="before")
-    @classmethod
-    def _pattern_as_dict(cls, value):
-        return dict(value or {})
-
-    @field_validator("target_modules")
-    @classmethod
-    def _selects_something(cls, value):
-        if value == []:
-            raise ValueError("[] selects nothing; give module names/regexes or leave it unset for the defaults")
-        return value
 
     @model_validator(mode="after")
     def _parts_fit_together(self) -> AdapterConfig:
@@ -173,15 +183,7 @@ def _describe(error: ValidationError) -> AdapterConfigError:
     problem = first["msg"].removeprefix("Value error, ")
     if first["type"] == "unexpected_keyword_argument":
         problem = f"unknown field; valid fields are {sorted(FIELD_NAMES)}"
-    elif field is not None and first["type"] != "value_error":
+    elif field is not None:
         problem = f"{problem} (got {first['input']!r})"
     return AdapterConfigError(f"adapter config: {field + ': ' if field else ''}{problem}", field, problem)
 
-
-def _as_list(value) -> list:
-    if isinstance(value, str):
-        return [value]  # a single name is a one-item list, not a list of characters
-    try:
-        return list(value)
-    except TypeError:
-        raise ValueError(f"must be a list, got {value!r}") from None
