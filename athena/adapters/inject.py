@@ -32,7 +32,7 @@ def add_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module:
     else:
         for name in select_modules(model, config.target_modules, config, "target_modules", "targets"):
             set_module(model, name, poly_adapter_for(model.get_submodule(name), name, config))
-    train_adapters_only(model, config.freeze_base)
+    set_trainable(model, config.freeze_base)
     model.adapter_config = config
     return model
 
@@ -84,7 +84,7 @@ def _wrap_hybrid_targets(model: nn.Module, config: AdapterConfig) -> None:
         set_module(model, name, BottleneckWrapper(module, adapter))
 
 
-def train_adapters_only(model: nn.Module, freeze_base: bool) -> None:
+def set_trainable(model: nn.Module, freeze_base: bool) -> None:
     """Adapter parameters train; with freeze_base every other parameter (puzzle embedding included) is frozen,
     without it the rest keeps its requires_grad."""
     adapter_ids = {id(p) for p in adapter_parameters(model)}

@@ -97,7 +97,7 @@ class PolyAdapter(AdapterLayer):
     def _parts(self) -> tuple:
         return ((self.output_scale,) if self.output_scale is not None else ()) + self.deltas
 
-    def _runs(self, part) -> bool:
+    def _active(self, part) -> bool:
         return getattr(self, part.switch) and part.name not in self.merged_parts
 
     # ---- forward ----
@@ -105,8 +105,8 @@ class PolyAdapter(AdapterLayer):
     # path is kept to the minimum (LoRA: 2 kernels; experts: 8) and the deltas are added by `add_low_rank`.
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.output_scale if self.output_scale is not None and self._runs(self.output_scale) else None
-        deltas = [part for part in self.deltas if self._runs(part)]
+        scale = self.output_scale if self.output_scale is not None and self._active(self.output_scale) else None
+        deltas = [part for part in self.deltas if self._active(part)]
         if scale is None and not deltas:
             return self.base_layer(x)
         lead = x.shape[:-1]
