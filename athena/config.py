@@ -92,9 +92,16 @@ AdapterNode = create_model(
     **{knob: (info.annotation, info) for knob, info in AdapterConfig.__pydantic_fields__.items() if knob != "method"},
 )
 
-# conf/adapter_parts/*.yaml give each knob as `${adapter_default:<knob>}`: the value is AdapterConfig's default,
-# written only there, and the resolved config (config.json, checkpoints) still records the value a run used.
-OmegaConf.register_new_resolver("adapter_default", default_value, replace=True)
+def _adapter_default(knob: str) -> Any:
+    """conf/adapter_parts/*.yaml give each knob as `${adapter_default:<knob>}`: the value is AdapterConfig's default,
+    written only there, and the resolved config (config.json, checkpoints) still records the value a run used."""
+    value = default_value(knob)
+    # A list or dict as an OmegaConf container: OmegaConf.resolve (`--cfg job --resolve`) cannot put a plain one in
+    # place of the interpolation.
+    return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
+
+
+OmegaConf.register_new_resolver("adapter_default", _adapter_default, replace=True)
 
 
 class DataConfig(Strict):

@@ -38,6 +38,20 @@ def test_composed_presets_record_the_schema_defaults_as_values(method):
     assert node["rank"] == 8 and node["alpha"] == 16.0 and node["freeze_base"] is True
 
 
+def test_the_resolved_preset_prints_its_values():
+    """`pretrain.py adapter=poly --cfg job --resolve` resolves the composed tree in place (OmegaConf.resolve), which
+    cannot put a plain list or dict where an interpolation was."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["adapter=poly"])
+    OmegaConf.resolve(cfg)
+    shown = yaml.safe_load(OmegaConf.to_yaml(cfg.adapter))
+    assert shown == {"name": "poly", **{k: default_value(k) for k in shown if k != "name"}}
+    assert shown["rank_pattern"] == {} and shown["layers_to_skip"] == [] and shown["rank"] == 8
+
+
 def test_adapter_node_takes_every_knob_and_default_from_adapter_config():
     assert [n for n in AdapterNode.model_fields if n != "name"] == KNOBS
     node = AdapterNode(name="poly")
