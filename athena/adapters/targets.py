@@ -1,5 +1,5 @@
-"""Which layers get adapters: per-family default targets, the one matching rule, and the warning when defaults
-leave some of a block's linear layers bare.
+"""Which layers get adapters: per-family default targets, the one matching rule, the warning when defaults
+leave some of a block's linear layers bare, and each layer's LoRA rank (rank_pattern).
 
 A pattern selects a module when it matches, as a regex, the whole module path or a dot-separated suffix of it
 (`matches`): a plain name like "q_proj" or "attn.o_proj" selects every module whose path ends with it, and
