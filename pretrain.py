@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from athena.cli import exit_with_error, one_line_errors
-from athena.config import register_schema_defaults, validate_config
+from athena.config import validate_config
 from athena.errors import AthenaError
 
 log = logging.getLogger("athena")
@@ -66,6 +66,5 @@ def _remove_if_empty(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    register_schema_defaults()
     one_line_errors("config")
     main()

@@ -1,3 +1,37 @@
-"""Athena: experiments on small recursive-reasoning models and efficient adaptation."""
+"""Athena: experiments on small recursive-reasoning models and efficient adaptation.
+
+The names users reach for come from here: `from athena import PolyAdapter, add_adapters, TinyRecursiveModel`.
+They are loaded on first use (module __getattr__), so `import athena.config` (what pretrain.py and evaluate.py
+run before validating a config) and `import athena` import no torch; the first name used loads it.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_EXPORTS = {  # public name -> the module that defines it
+    "AdapterConfig": "athena.adapters.config",
+    "HybridAdapterConfig": "athena.adapters.hybrid",
+    "PolyAdapter": "athena.adapters.poly",
+    "add_adapters": "athena.adapters.inject",
+    "add_hybrid_adapter_to_model": "athena.adapters.hybrid",
+    "adapter_aux_loss": "athena.adapters.base",
+    "save_adapter": "athena.adapters.io",
+    "load_adapter": "athena.adapters.io",
+    "merge_and_unload": "athena.adapters.merge",
+    "quantize_adapter_model": "athena.adapters.quantize",
+    "TinyRecursiveModel": "athena.models.trm",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

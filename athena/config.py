@@ -11,8 +11,10 @@ import importlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from omegaconf import OmegaConf
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, create_model, model_validator
 
+from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
 from athena.errors import ConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
@@ -30,9 +32,9 @@ class ArchNode(TargetNode):
 
 # The schema of each model class's hyperparameters (module:class, imported only when used).
 ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.config:TRMConfig"}
-# Schemas whose defaults conf/ composes as `/schema/<name>` (register_schema_defaults): the YAML options list what
-# they change, and every other knob is still there to override (arch.rope_theta=...) with its one default.
-SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig"}
+# The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
+# shows it and a command line overrides it without `+`) but its value is written once, in the schema.
+SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -51,70 +53,49 @@ class NamedOnly(Strict):
     name: Literal["none"]
 
 
-# Parts (LoRA, IA3, experts) each method switches on when use_lora / use_ia3 / use_moe are null, as in
-# athena.adapters.AdapterConfig (which checks the same rules again when the adapter is built).
-_ADAPTER_PARTS = {"lora": (True, False, False), "ia3": (False, True, False), "moe": (False, False, True),
-                  "poly": (True, True, True), "hybrid": (True, False, False)}
-
-
-class AdapterNode(Strict):
-    """conf/adapter/*.yaml: `name` (none or an athena.adapters method) + the AdapterConfig knobs.
-
-    The defaults equal athena.adapters.AdapterConfig's; `name=none` leaves the model untouched.
-    """
-
-    name: Literal["none", "lora", "ia3", "moe", "poly", "hybrid"]
-    rank: int = Field(default=8, ge=0)
-    alpha: float = Field(default=16.0, gt=0)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    use_rslora: bool = False
-    use_lora: bool | None = None
-    use_ia3: bool | None = None
-    use_moe: bool | None = None
-    ia3_recompute: bool = False
-    num_experts: int = Field(default=4, ge=1)
-    top_k: int = Field(default=2, ge=1)
-    expert_rank: int | None = Field(default=None, gt=0)
-    router_aux_weight: float = Field(default=0.01, ge=0)
-    router_z_weight: float = Field(default=0.001, ge=0)
-    target_modules: list[str] | None = None
-    apply_lora_to: list[str] | None = None
-    bottleneck_size: int = Field(default=64, gt=0)
-    bottleneck_activation: Literal["gelu", "relu", "silu", "tanh", "identity"] = "gelu"
-    bottleneck_dropout: float = Field(default=0.0, ge=0, lt=1)
-    bottleneck_gating: bool = False
-    share_across_layers: bool = False
-    rank_pattern: dict[str, int] = {}
-    layers_to_skip: list[int] = []
-    freeze_base: bool = True
+class _AdapterNodeRules(Strict):
+    name: Literal[("none",) + METHODS]
 
     @model_validator(mode="after")
-    def _parts_fit(self) -> AdapterNode:
-        if self.name == "none":
-            return self
-        implied = _ADAPTER_PARTS[self.name]
-        lora, ia3, moe = (i if v is None else v for i, v in zip(implied, (self.use_lora, self.use_ia3, self.use_moe)))
-        if lora and self.rank == 0:
-            raise ValueError(f"rank=0 with LoRA on (adapter={self.name}); use rank >= 1 or use_lora=false")
-        if self.name != "hybrid" and not (lora or ia3 or moe):
-            raise ValueError(f"adapter={self.name} with use_lora, use_ia3 and use_moe all false adds nothing")
-        if moe and self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}")
-        if moe and self.expert_rank is None and self.rank == 0:
-            raise ValueError("experts need a rank: set expert_rank >= 1 (or rank >= 1)")
-        bad = {k: v for k, v in self.rank_pattern.items() if v <= 0}
-        if bad:
-            raise ValueError(f"rank_pattern ranks must be >= 1, got {bad}")
-        if any(i < 0 for i in self.layers_to_skip):
-            raise ValueError(f"layers_to_skip holds layer indices >= 0, got {self.layers_to_skip}")
-        if self.target_modules == []:
-            raise ValueError("target_modules=[] selects nothing; list module names/regexes or leave it null")
+    def _parts_fit(self) -> _AdapterNodeRules:
+        # The rules that span knobs are AdapterConfig's: it is built once here, so a bad mix fails before any work.
+        if self.name != "none":
+            try:
+                AdapterConfig(**self.adapter_kwargs())
+            except AdapterConfigError as error:
+                raise ValueError(f"{error.field + ': ' if error.field else ''}{error.problem}") from None
         return self
 
     def adapter_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of athena.adapters.AdapterConfig (method = name)."""
-        kwargs = self.model_dump(exclude={"name"})
-        return {"method": self.name, **kwargs}
+        return {"method": self.name, **self.model_dump(exclude={"name"})}
+
+
+# The knobs are AdapterConfig's own fields, taken as they are (type, bounds, default): a bad value names
+# `adapter.<knob>`, and no rule or default is written twice.
+AdapterNode = create_model(
+    "AdapterNode", __base__=_AdapterNodeRules, __module__=__name__,
+    __doc__="conf/adapter/*.yaml: `name` (none or an athena.adapters method) + every AdapterConfig knob, flat under "
+            "`adapter.`; `name=none` leaves the model untouched.",
+    **{knob: (info.annotation, info) for knob, info in AdapterConfig.__pydantic_fields__.items() if knob != "method"},
+)
+
+def schema_default(reference: str) -> Any:
+    """`${default:trm.rope_theta}` in conf/: that knob's default in its schema (SCHEMA_DEFAULTS). config.json and
+    checkpoints record the resolved value a run used."""
+    schema, _, knob = reference.partition(".")
+    if schema not in SCHEMA_DEFAULTS:
+        raise KeyError(f"${{default:{reference}}}: no schema {schema!r}; known: {', '.join(SCHEMA_DEFAULTS)}")
+    fields = _load(SCHEMA_DEFAULTS[schema]).__pydantic_fields__
+    if knob not in fields:
+        raise KeyError(f"${{default:{reference}}}: {schema} has no knob {knob!r}")
+    value = fields[knob].get_default(call_default_factory=True)
+    # A list or dict as an OmegaConf container: OmegaConf.resolve (`--cfg job --resolve`) cannot put a plain one in
+    # place of the interpolation.
+    return OmegaConf.create(value) if isinstance(value, (list, dict)) else value
+
+
+OmegaConf.register_new_resolver("default", schema_default, replace=True)
 
 
 class DataConfig(Strict):
@@ -201,19 +182,8 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    register_schema_defaults()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return OmegaConf.to_container(compose("config", overrides=overrides), resolve=True)
-
-
-def register_schema_defaults() -> None:
-    """Put each schema's defaults in Hydra's ConfigStore as schema/<name>, for conf/ to compose. Call before
-    Hydra composes (pretrain.py, evaluate.py and compose_config do)."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for name, path in SCHEMA_DEFAULTS.items():
-        store.store(group="schema", name=name, node=_load(path)().model_dump(mode="json"))
 
 
 def _load(path: str):

@@ -9,10 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from athena.config import register_schema_defaults
-
 ROOT = Path(__file__).resolve().parents[1]
-register_schema_defaults()  # conf/arch composes the TRM schema's defaults from Hydra's ConfigStore
 CONF = ROOT / "conf"
 
 

@@ -76,7 +76,7 @@ def test_expert_adapters_compile_into_one_graph():
     a break at every adapted layer would turn one fused graph into dozens of small ones."""
     from torch import nn
 
-    from athena.adapters.poly.layer import PolyAdapter
+    from athena.adapters.poly import PolyAdapter
 
     torch._dynamo.reset()
     stack = nn.Sequential(*[PolyAdapter(nn.Linear(16, 16), use_ia3=True, use_moe=True, num_experts=4, top_k=2)
@@ -91,11 +91,11 @@ def test_expert_adapters_compile_into_one_graph():
 def test_compiled_adapter_deltas_are_plain_adds(moe, grad):
     """Compiled, LoRA's and the experts' deltas are a GEMM plus an add, which Inductor on a GPU fuses into the next
     elementwise kernel, never an addmm: a compiled addmm runs out of place, ATen copying the whole base output
-    first (see _add_low_rank). Eager keeps the in-place addmm_. Same values (and gradients) as eager."""
+    first (see parts/lora.py add_low_rank). Eager keeps the in-place addmm_. Same values (and gradients) as eager."""
     from torch import nn
     from torch._inductor.utils import run_and_get_code
 
-    from athena.adapters.poly.layer import PolyAdapter
+    from athena.adapters.poly import PolyAdapter
 
     torch.manual_seed(0)
     layer = PolyAdapter(nn.Linear(16, 24, bias=False), rank=4, use_moe=moe, num_experts=3, top_k=2)

@@ -5,30 +5,48 @@ for TRM and Hugging Face models, in plain PyTorch (no Hydra needed).
     model = add_adapters(model, AdapterConfig(method="poly", rank=8))   # in place; base frozen
     loss = task_loss + (adapter_aux_loss(model) or 0)                     # router losses, if any
 
-Layout: config.py (AdapterConfig + validation), poly/layer.py (PolyAdapter), bottleneck/layer.py
-(BottleneckAdapter), hybrid/model.py (hybrid entry), targets.py (default targets per model family, matching),
-model.py (wrapping, freezing, merge, aux loss), io.py (save/load incl. peft format), quantize.py (int8 base).
+Layout, each module importing only those above it:
+    config.py       AdapterConfig: every knob's type, bounds and default; AdapterConfigError
+    linear.py       the linear layers adapters wrap (base_dims) and Int8Linear
+    base.py         AdapterLayer, what every wrapper has; model-wide functions written against it
+    targets.py      which layers get adapters: family defaults, matching, per-module ranks
+    parts/          lora.py, ia3.py, experts.py: the parts PolyAdapter composes (forward, merge, unmerge)
+    poly.py         PolyAdapter
+    bottleneck.py   BottleneckAdapter and BottleneckWrapper
+    inject.py       add_adapters: wrap the targets, freeze the base, refuse stacking
+    hybrid.py       HybridAdapterConfig and add_hybrid_adapter_to_model
+    merge.py        merge_adapters, unmerge_adapters, merge_and_unload
+    io.py           save_adapter / load_adapter (peft's format for LoRA-only and IA3-only adapters)
+    quantize.py     quantize_adapter_model: an int8 base under the adapters
+
+Names are loaded on first use (module __getattr__): `athena.config` validates a run's `adapter:` against
+AdapterConfig without importing torch, which keeps `pretrain.py --help` and a bad config fast.
 """
 
-from athena.adapters.bottleneck.layer import BottleneckAdapter
-from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.hybrid.model import BottleneckWrapper, add_hybrid_adapter_to_model
-from athena.adapters.io import load_adapter, save_adapter
-from athena.adapters.model import (
-    adapter_aux_loss,
-    adapter_parameters,
-    add_adapters,
-    count_parameters,
-    merge_adapters,
-    merge_and_unload,
-    unmerge_adapters,
-)
-from athena.adapters.poly.layer import PolyAdapter
-from athena.adapters.quantize import Int8Linear, quantize_adapter_model
+import importlib
 
-__all__ = [
-    "AdapterConfig", "AdapterConfigError", "PolyAdapter", "BottleneckAdapter", "BottleneckWrapper",
-    "add_adapters", "add_hybrid_adapter_to_model", "adapter_aux_loss", "adapter_parameters",
-    "merge_adapters", "unmerge_adapters", "merge_and_unload", "save_adapter", "load_adapter",
-    "quantize_adapter_model", "Int8Linear", "count_parameters",
-]
+_EXPORTS = {  # public name -> the module that defines it
+    "AdapterConfig": "config", "AdapterConfigError": "config",
+    "Int8Linear": "linear",
+    "AdapterLayer": "base", "adapter_aux_loss": "base", "adapter_parameters": "base", "count_parameters": "base",
+    "PolyAdapter": "poly",
+    "BottleneckAdapter": "bottleneck", "BottleneckWrapper": "bottleneck",
+    "add_adapters": "inject",
+    "HybridAdapterConfig": "hybrid", "add_hybrid_adapter_to_model": "hybrid",
+    "merge_adapters": "merge", "unmerge_adapters": "merge", "merge_and_unload": "merge",
+    "save_adapter": "io", "load_adapter": "io",
+    "quantize_adapter_model": "quantize",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -1,19 +1,28 @@
-"""AdapterConfig: one dataclass for every adapter method, validated on construction.
+"""AdapterConfig: every adapter knob once, with its type, bounds and default; validated on construction.
 
-Any bad value raises AdapterConfigError with one line naming the field and how to fix it, so a Hydra run
-(or a plain-Python user) sees the problem before any module is touched.
+This is the one schema. It is a pydantic dataclass so the same declarations serve both doors:
+- plain Python: `AdapterConfig(rank=-1)` raises AdapterConfigError, one line naming the field;
+- a Hydra run: athena.config.AdapterNode takes these fields as they are (so an error names `adapter.rank`),
+  and conf/adapter_parts/*.yaml read their values from here (`${default:adapter.rank}`).
+PolyAdapter, BottleneckAdapter and HybridAdapterConfig take their defaults from the class attributes
+(`AdapterConfig.rank`), so a default is written nowhere else.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any
+import functools
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 
 from athena.errors import AthenaError
 
-METHODS = ("lora", "ia3", "moe", "poly", "hybrid")
-ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
+Method = Literal["lora", "ia3", "moe", "poly", "hybrid"]
+Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
+METHODS: tuple[str, ...] = get_args(Method)
+ACTIVATIONS: tuple[str, ...] = get_args(Activation)
 
 # Which parts each method switches on when use_lora / use_ia3 / use_moe are left at None.
 _IMPLIED = {
@@ -25,46 +34,110 @@ _IMPLIED = {
 }
 
 
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return [value]  # a single name is a one-item list, not a list of characters
+    try:
+        return list(value)
+    except TypeError:
+        raise ValueError("must be a list") from None
+
+
+def _as_dict(value) -> dict:
+    try:
+        return dict(value or {})
+    except (TypeError, ValueError):
+        raise ValueError("must be a mapping of pattern -> rank") from None
+
+
+def _names(value) -> list[str] | None:
+    return None if value is None else [str(name) for name in _as_list(value)]
+
+
+def _selects_something(value: list[str] | None) -> list[str] | None:
+    if value == []:
+        raise ValueError("selects nothing; give module names/regexes or leave it unset for the defaults")
+    return value
+
+
+# The field types carry their checks and the normalising of what callers pass (tuples, OmegaConf containers, a
+# single name), so athena.config.AdapterNode, which takes these fields as they are, checks exactly the same.
+# Integers are strict (8.0 or True is not a rank); floats accept integers (alpha: 16).
+AtLeastOne = Annotated[StrictInt, Field(ge=1)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+ModuleNames = Annotated[list[str] | None, BeforeValidator(_names)]
+LayerIndices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], BeforeValidator(_as_list)]
+RankPattern = Annotated[dict[str, AtLeastOne], BeforeValidator(_as_dict)]
+
+
 class AdapterConfigError(AthenaError, ValueError):
-    """A bad adapter configuration; the message names the field and the fix in one line."""
+    """A bad adapter configuration; the message names the field and the fix in one line.
+
+    `field` (None when the problem spans fields) and `problem` (the message without the field) let a caller that
+    names fields differently (athena.config.AdapterNode, HybridAdapterConfig) say it in its own words."""
+
+    def __init__(self, message: str, field: str | None = None, problem: str | None = None):
+        super().__init__(message)
+        self.field, self.problem = field, problem if problem is not None else message
 
 
-@dataclass
+def _one_line_errors(cls):
+    """Make construction raise AdapterConfigError (one line, the first problem) instead of pydantic's multi-line
+    ValidationError, which is what plain-Python users and the trainer catch."""
+    validating_init = cls.__init__
+
+    @functools.wraps(validating_init)
+    def __init__(self, *args, **kwargs):
+        try:
+            validating_init(self, *args, **kwargs)
+        except ValidationError as error:
+            raise _describe(error) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_one_line_errors
+@dataclass(config=ConfigDict(extra="forbid"))
 class AdapterConfig:
-    method: str = "lora"  # lora | ia3 | moe | poly | hybrid
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    method: Method = "lora"
+    rank: Annotated[StrictInt, Field(ge=0)] = 8  # LoRA rank; 0 only with LoRA off
+    alpha: Annotated[float, Field(gt=0)] = 16.0  # LoRA scaling numerator: scaling = alpha / rank
+    dropout: Probability = 0.0  # on the adapter input (LoRA and expert branches)
     use_rslora: bool = False  # scaling alpha/sqrt(rank) instead of alpha/rank
     use_lora: bool | None = None  # None = implied by method
     use_ia3: bool | None = None
     use_moe: bool | None = None
     ia3_recompute: bool = False  # recompute base(x) in backward instead of saving it for IA3's gradient
-    num_experts: int = 4
-    top_k: int = 2
-    expert_rank: int | None = None  # None -> the module's LoRA rank
-    router_aux_weight: float = 0.01
-    router_z_weight: float = 0.001
-    target_modules: list[str] | None = None  # names (suffix of the module path) or regexes; None -> family defaults
-    apply_lora_to: list[str] | None = None  # hybrid: modules that get LoRA; None -> attention projections
-    bottleneck_size: int = 64
-    bottleneck_activation: str = "gelu"
-    bottleneck_dropout: float = 0.0
+    num_experts: AtLeastOne = 4
+    top_k: AtLeastOne = 2
+    expert_rank: AtLeastOne | None = None  # None -> the module's LoRA rank
+    router_aux_weight: Annotated[float, Field(ge=0)] = 0.01
+    router_z_weight: Annotated[float, Field(ge=0)] = 0.001
+    # names (suffix of the module path) or regexes; None -> the family's defaults
+    target_modules: Annotated[ModuleNames, AfterValidator(_selects_something)] = None
+    apply_lora_to: ModuleNames = None  # hybrid: modules that get LoRA; None -> attention projections, [] -> none
+    bottleneck_size: AtLeastOne = 64
+    bottleneck_activation: Activation = "gelu"
+    bottleneck_dropout: Probability = 0.0
     bottleneck_gating: bool = False
     share_across_layers: bool = False  # hybrid: one bottleneck adapter per output width, shared by all layers
-    rank_pattern: dict[str, int] = field(default_factory=dict)  # pattern -> rank override
-    layers_to_skip: list[int] = field(default_factory=list)  # first integer in the module path
+    rank_pattern: RankPattern = Field(default_factory=dict)  # pattern -> rank override
+    layers_to_skip: LayerIndices = Field(default_factory=list)  # the first integer in a module's path
     freeze_base: bool = True
 
-    def __post_init__(self):
-        # Accept tuples / OmegaConf containers converted to plain python, and normalise them.
-        if self.target_modules is not None:
-            self.target_modules = [str(t) for t in _as_list(self.target_modules, "target_modules")]
-        if self.apply_lora_to is not None:
-            self.apply_lora_to = [str(t) for t in _as_list(self.apply_lora_to, "apply_lora_to")]
-        self.layers_to_skip = list(_as_list(self.layers_to_skip, "layers_to_skip"))
-        self.rank_pattern = dict(self.rank_pattern or {})
-        self.validate()
+    @model_validator(mode="after")
+    def _parts_fit_together(self) -> AdapterConfig:
+        if self.lora_on and self.rank == 0:
+            raise ValueError(f"rank=0 with LoRA on ({self.method}); use rank >= 1 or turn use_lora off")
+        if self.method != "hybrid" and not (self.lora_on or self.ia3_on or self.moe_on):
+            raise ValueError(f"{self.method} with use_lora, use_ia3 and use_moe all off adds nothing; turn one on")
+        if self.moe_on and self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}; lower top_k or "
+                             "add experts")
+        if self.moe_on and self.expert_rank is None and self.rank == 0:
+            raise ValueError("experts need a rank: set expert_rank >= 1 (or rank >= 1)")
+        return self
 
     # ---- the parts actually switched on ----
     @property
@@ -83,82 +156,34 @@ class AdapterConfig:
         value = getattr(self, name)
         return _IMPLIED[self.method][name] if value is None else bool(value)
 
-    def rank_for(self, module_name: str) -> int:
-        """The LoRA rank of one module: the first matching rank_pattern entry, else `rank`."""
-        from athena.adapters.targets import matches  # local import: targets.py imports this file
-
-        for pattern, r in self.rank_pattern.items():
-            if matches(pattern, module_name):
-                return int(r)
-        return self.rank
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        unknown = sorted(set(d) - set(FIELD_NAMES))
         if unknown:
-            raise AdapterConfigError(
-                f"adapter config: unknown field(s) {unknown}; valid fields are {sorted(known)}"
-            )
+            raise AdapterConfigError(f"adapter config: unknown field(s) {unknown}; valid fields are {sorted(FIELD_NAMES)}")
         return cls(**d)
 
-    def validate(self) -> None:
-        """Raise AdapterConfigError for the first bad field."""
-        def fail(msg: str):
-            raise AdapterConfigError(f"adapter config: {msg}")
 
-        if self.method not in METHODS:
-            fail(f"method={self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        for name in ("rank", "num_experts", "top_k", "bottleneck_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                fail(f"{name} must be an integer, got {v!r}")
-        if self.rank < 0:
-            fail(f"rank={self.rank} is negative; use a rank >= 1 (e.g. rank=8)")
-        if self.lora_on and self.rank == 0:
-            fail(f"rank=0 with LoRA on (method={self.method!r}); use rank >= 1 or set use_lora=False")
-        if not self.alpha > 0:
-            fail(f"alpha={self.alpha} must be > 0 (LoRA scaling is alpha/rank); e.g. alpha=16")
-        for name in ("dropout", "bottleneck_dropout"):
-            v = getattr(self, name)
-            if not 0.0 <= v < 1.0:
-                fail(f"{name}={v} must be in [0, 1)")
-        if self.method != "hybrid" and not (self.lora_on or self.ia3_on or self.moe_on):
-            fail(f"method={self.method!r} with use_lora, use_ia3 and use_moe all False adds nothing; turn one on")
-        if self.moe_on:
-            if self.num_experts < 1:
-                fail(f"num_experts={self.num_experts} must be >= 1 when experts are on")
-            if not 1 <= self.top_k <= self.num_experts:
-                fail(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]; lower top_k or add experts")
-            er = self.rank if self.expert_rank is None else self.expert_rank
-            if isinstance(er, bool) or not isinstance(er, int) or er < 1:
-                fail(f"expert_rank={self.expert_rank!r} (rank={self.rank}) must be an integer >= 1 when experts are on")
-            if self.router_aux_weight < 0 or self.router_z_weight < 0:
-                fail(f"router_aux_weight={self.router_aux_weight} and router_z_weight={self.router_z_weight} must be >= 0")
-        if self.method == "hybrid":
-            if self.bottleneck_size < 1:
-                fail(f"bottleneck_size={self.bottleneck_size} must be >= 1")
-            if self.bottleneck_activation not in ACTIVATIONS:
-                fail(f"bottleneck_activation={self.bottleneck_activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
-        elif self.bottleneck_activation not in ACTIVATIONS:
-            fail(f"bottleneck_activation={self.bottleneck_activation!r} is unknown; use one of {', '.join(ACTIVATIONS)}")
-        for pattern, r in self.rank_pattern.items():
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                fail(f"rank_pattern[{pattern!r}]={r!r} must be an integer >= 1")
-        for i in self.layers_to_skip:
-            if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                fail(f"layers_to_skip entry {i!r} must be a layer index >= 0")
-        if self.target_modules is not None and len(self.target_modules) == 0:
-            fail("target_modules=[] selects nothing; give module names/regexes or leave it unset for the defaults")
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AdapterConfig))
 
 
-def _as_list(value, name: str) -> list:
-    if isinstance(value, str):
-        return [value]  # a single name is a one-item list, not a list of characters
-    try:
-        return list(value)
-    except TypeError:
-        raise AdapterConfigError(f"adapter config: {name} must be a list, got {value!r}") from None
+def default_value(name: str) -> Any:
+    """The default of one AdapterConfig field (a fresh list/dict for those built by a factory)."""
+    if name not in FIELD_NAMES:
+        raise AdapterConfigError(f"adapter config: no field {name!r}; valid fields are {sorted(FIELD_NAMES)}")
+    return AdapterConfig.__pydantic_fields__[name].get_default(call_default_factory=True)
+
+
+def _describe(error: ValidationError) -> AdapterConfigError:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or None
+    problem = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "unexpected_keyword_argument":
+        problem = f"unknown field; valid fields are {sorted(FIELD_NAMES)}"
+    elif field is not None:
+        problem = f"{problem} (got {first['input']!r})"
+    return AdapterConfigError(f"adapter config: {field + ': ' if field else ''}{problem}", field, problem)
+

@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from athena.adapters.base import AdapterLayer, adapter_layers, adapter_parameters, has_adapters
 from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.model import adapter_parameters, add_adapters, is_adapter_module
-from athena.adapters.poly.layer import PolyAdapter
+from athena.adapters.inject import add_adapters
 
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -37,23 +37,18 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _peft_kind(model: nn.Module) -> str | None:
-    """'lora' or 'ia3' when every adapter is exactly that one part (what peft can represent), else None."""
-    kinds = set()
-    for m in model.modules():
-        if isinstance(m, PolyAdapter):
-            kinds.add((m.lora_A is not None, m.ia3_l is not None, m.router is not None))
-        elif is_adapter_module(m):
-            return None  # a bottleneck
-    if kinds == {(True, False, False)}:
+    """'lora' or 'ia3' when every adapter layer holds exactly that one part (what peft can represent), else None."""
+    kinds = {layer.part_names for layer in adapter_layers(model)}
+    if kinds == {("lora",)}:
         return "lora"
-    if kinds == {(False, True, False)}:
+    if kinds == {("ia3",)}:
         return "ia3"
     return None
 
 
 def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     config: AdapterConfig | None = getattr(model, "adapter_config", None)
-    if config is None or not any(is_adapter_module(m) for m in model.modules()):
+    if config is None or not has_adapters(model):
         raise AdapterConfigError("save_adapter: this model has no adapters; add them with add_adapters first")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -72,7 +67,7 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
 
 
 def _to_peft(model, config, state, kind):
-    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, PolyAdapter)}
+    wrapped = {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}  # PolyAdapters: lora or ia3 only
     paths = sorted(wrapped)
     fan_in_fan_out = any(m.fan_in_fan_out for m in wrapped.values())
     common = dict(task_type=None, target_modules=paths, fan_in_fan_out=fan_in_fan_out, modules_to_save=None,
@@ -105,7 +100,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     else:
         raise AdapterConfigError(f"load_adapter: {cfg_path} is neither an Athena adapter nor a peft LoRA/IA3 "
                                  f"adapter (peft_type={meta.get('peft_type')!r})")
-    if not any(is_adapter_module(m) for m in model.modules()):
+    if not has_adapters(model):
         add_adapters(model, config)
     _copy_in(model, tensors, directory)
     return model

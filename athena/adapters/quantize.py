@@ -1,49 +1,16 @@
-"""Int8 weight-only base: per-output-channel symmetric int8 weights, adapters kept in 16 or 32 bit.
-
-    W ~= q * s,  q = round(W / s) in [-127, 127],  s = max|W_row| / 127   (one scale per output feature)
-    y  = (x @ q^T) * s + b      (the scale is applied after the matmul: no dequantised weight is stored)
-
-Plain PyTorch, so it runs anywhere torch does (CPU and GPU); it saves memory, not time.
-"""
+"""quantize_adapter_model: an int8 weight-only base under the adapters (linear.Int8Linear), adapters kept in
+16 or 32 bit. It saves memory, not time."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from athena.adapters.base import adapter_layers, adapter_parameters, has_adapters
 from athena.adapters.config import AdapterConfigError
-
-
-class Int8Linear(nn.Module):
-    def __init__(self, weight_int8: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight_int8.shape
-        self.register_buffer("weight", weight_int8)  # (out, in) int8
-        self.register_buffer("scale", scale)  # (out,) float32
-        self.register_buffer("bias", bias)  # (out,) or None, kept in float
-
-    @classmethod
-    def from_layer(cls, layer: nn.Module) -> "Int8Linear":
-        from athena.adapters.poly.layer import base_dims
-
-        _, _, fan_in_fan_out = base_dims(layer)
-        w = layer.weight.detach().float()
-        w = w.T if fan_in_fan_out else w  # Conv1D stores (in, out)
-        scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        bias = getattr(layer, "bias", None)
-        return cls(q.contiguous(), scale, None if bias is None else bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scale[:, None]
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 per-channel, bias={self.bias is not None}"
+from athena.adapters.inject import set_module
+from athena.adapters.linear import Int8Linear, is_wrappable
+from athena.adapters.targets import adapter_part_ids
 
 
 def quantize_adapter_model(model: nn.Module, bits: int = 8, adapter_bits: int = 16) -> nn.Module:
@@ -54,18 +21,14 @@ def quantize_adapter_model(model: nn.Module, bits: int = 8, adapter_bits: int = 
     (AdapterConfigError), rather than doing nothing: a model without adapters, a model with no frozen linear
     layer, merged adapters (unmerge first; the merged weights would be quantised into the base).
     """
-    from athena.adapters.model import adapter_parameters, is_adapter_module, set_module
-    from athena.adapters.poly.layer import PolyAdapter
-    from athena.adapters.targets import adapter_part_ids, is_wrappable
-
     if bits != 8:
         raise AdapterConfigError(f"quantize_adapter_model: bits={bits} is not supported; use bits=8")
     if adapter_bits not in (16, 32):
         raise AdapterConfigError(f"quantize_adapter_model: adapter_bits={adapter_bits} must be 16 or 32")
-    if not any(is_adapter_module(m) for m in model.modules()):
+    if not has_adapters(model):
         raise AdapterConfigError("quantize_adapter_model: this model has no adapters; add them with add_adapters "
                                  "first (it quantises the frozen base under the adapters)")
-    if any(isinstance(m, PolyAdapter) and m.merged for m in model.modules()):
+    if any(layer.merged for layer in adapter_layers(model)):
         raise AdapterConfigError("quantize_adapter_model: adapters are merged; call unmerge_adapters first")
     parts = adapter_part_ids(model)
     names = [n for n, m in model.named_modules()

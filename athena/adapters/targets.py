@@ -1,5 +1,5 @@
-"""Which layers get adapters: per-family default targets, the one matching rule, and the warning when defaults
-leave some of a block's linear layers bare.
+"""Which layers get adapters: per-family default targets, the one matching rule, the warning when defaults
+leave some of a block's linear layers bare, and each layer's LoRA rank (rank_pattern).
 
 A pattern selects a module when it matches, as a regex, the whole module path or a dot-separated suffix of it
 (`matches`): a plain name like "q_proj" or "attn.o_proj" selects every module whose path ends with it, and
@@ -18,9 +18,9 @@ import warnings
 
 from torch import nn
 
-from athena.adapters.bottleneck.layer import BottleneckAdapter
+from athena.adapters.base import adapter_layers
 from athena.adapters.config import AdapterConfig, AdapterConfigError
-from athena.adapters.poly.layer import PolyAdapter, base_dims
+from athena.adapters.linear import is_wrappable
 
 # Per family: every adapted linear (`targets`), the attention projections (hybrid's LoRA) and the FFN output
 # (hybrid's bottleneck). BERT's FFN output "output.dense" must not catch "attention.output.dense".
@@ -89,14 +89,6 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def is_wrappable(module: nn.Module) -> bool:
-    try:
-        base_dims(module)
-        return True
-    except TypeError:
-        return False
-
-
 def base_layer_paths(model: nn.Module) -> list[str]:
     """Paths of the linear layers adapters can wrap: not existing adapters' own parts (lora_A, router, ...)."""
     parts = adapter_part_ids(model)
@@ -106,15 +98,15 @@ def base_layer_paths(model: nn.Module) -> list[str]:
 
 def adapter_part_ids(model: nn.Module) -> set[int]:
     """ids of the modules that belong to adapters (LoRA A/B, router, bottleneck layers), not to the base."""
-    ids = set()
-    for m in model.modules():
-        if isinstance(m, PolyAdapter):
-            for n, sub in m.named_modules():
-                if n and not n.startswith("base_layer"):
-                    ids.add(id(sub))
-        elif isinstance(m, BottleneckAdapter):
-            ids.update(id(sub) for sub in m.modules())
-    return ids
+    return {id(sub) for layer in adapter_layers(model) for sub in layer.adapter_modules()}
+
+
+def rank_for(config: AdapterConfig, module_name: str) -> int:
+    """The LoRA rank of one module: the first matching rank_pattern entry, else `config.rank`."""
+    for pattern, rank in config.rank_pattern.items():
+        if matches(pattern, module_name):
+            return int(rank)
+    return config.rank
 
 
 def detect_family(model: nn.Module, paths: list[str] | None = None) -> str | None:

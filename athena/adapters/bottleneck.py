@@ -1,9 +1,11 @@
-"""Bottleneck adapter (Houlsby / Pfeiffer style) for the output of an FFN block.
+"""Bottleneck adapter (Houlsby / Pfeiffer style) for the output of an FFN block, and the wrapper that runs it
+after the wrapped layer.
 
     h -> h + gate * up(dropout(act(down(h))))
 
 `up` starts at zero, so a fresh adapter is the identity. With gating, a learned per-feature gate
-sigmoid(g) (g = 0 at init, so 0.5) scales the residual branch.
+sigmoid(g) (g = 0 at init, so 0.5) scales the residual branch. One BottleneckAdapter may be shared by many
+wrappers (hybrid's share_across_layers): its parameters then appear, and are counted and optimised, once.
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athena.adapters.base import AdapterLayer
+from athena.adapters.config import ACTIVATIONS, AdapterConfig, AdapterConfigError
+
 ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu, "tanh": torch.tanh, "identity": lambda x: x}
+assert set(ACTIVATION_FNS) == set(ACTIVATIONS), "every activation the schema accepts needs a function"
 
 
 class BottleneckAdapter(nn.Module):
-    def __init__(self, features: int, bottleneck_size: int = 64, activation: str = "gelu", dropout: float = 0.0,
-                 gating: bool = False, device=None, dtype=None):
+    def __init__(self, features: int, bottleneck_size: int = AdapterConfig.bottleneck_size,
+                 activation: str = AdapterConfig.bottleneck_activation,
+                 dropout: float = AdapterConfig.bottleneck_dropout, gating: bool = AdapterConfig.bottleneck_gating,
+                 device=None, dtype=None):
         super().__init__()
         if activation not in ACTIVATION_FNS:
-            from athena.adapters.config import AdapterConfigError
-
             raise AdapterConfigError(
                 f"bottleneck_activation={activation!r} is unknown; use one of {', '.join(ACTIVATION_FNS)}")
         self.features, self.bottleneck_size, self.activation = features, bottleneck_size, activation
@@ -45,3 +51,22 @@ class BottleneckAdapter(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.features} -> {self.bottleneck_size} -> {self.features}, act={self.activation}, gated={self.gate is not None}"
+
+
+class BottleneckWrapper(AdapterLayer):
+    """Runs the wrapped FFN output layer, then the (possibly shared) bottleneck adapter on its output."""
+
+    def __init__(self, base_layer: nn.Module, adapter: BottleneckAdapter):
+        super().__init__(base_layer)
+        self.adapter = adapter
+        self.follow_base_layer_mode()  # no bottleneck dropout around an eval-mode layer
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return ("bottleneck",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.base_layer(x))
+
+    def unmergeable(self) -> tuple[str, nn.Module]:
+        return "bottlenecks", self.adapter  # it depends on the base output, so it cannot fold into a weight

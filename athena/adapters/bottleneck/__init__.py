@@ -1,3 +1,0 @@
-from athena.adapters.bottleneck.layer import BottleneckAdapter
-
-__all__ = ["BottleneckAdapter"]

@@ -1,3 +1,0 @@
-from athena.adapters.poly.layer import PolyAdapter, base_dims
-
-__all__ = ["PolyAdapter", "base_dims"]
