@@ -148,20 +148,54 @@ def test_adapter_bench_prefill_only_skips_training(tmp_path):
     assert all(r["vs_base"] > 0 for r in records)
 
 
-def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
-    """bench/saved_activations.py on a toy TRM step: the saved bytes grow with the batch, and the float32 residual
-    stream (B, L, hidden) that explains Athena's memory gap to the official TRM shows up in the table."""
-    def per_sample_mb(batch):
-        proc = subprocess.run([sys.executable, str(ROOT / "bench/saved_activations.py"), "--tiny", "--eager",
-                               "--batch", str(batch), "--top", "50"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return float(proc.stdout.split(": ")[1].split(" MB")[0]), proc.stdout
+def test_saved_activations_tally_counts_each_saved_storage_once():
+    """bench/saved_activations.py's tally on a function whose saved tensors are known: sin saves x and cos a view of
+    it (one storage, counted once), the product saves w and a view of sin(x) (counted as its whole storage)."""
+    from bench.saved_activations import tally
 
-    mb2, _ = per_sample_mb(2)
-    mb4, table4 = per_sample_mb(4)
-    assert 0 < 2 * mb2 < 4 * mb4  # more samples, more saved bytes in all
-    assert "| float32 | (4, 83, 32) |" in table4
+    x = torch.randn(3, 5, requires_grad=True)
+    w = torch.randn(2, requires_grad=True)
+
+    def fn():
+        y = x.sin()
+        return (y[:, :2] * w).sum() + x.view(15).cos().sum()
+
+    groups, out = tally(fn)
+    assert groups == {("float32", (3, 5)): 3 * 5 * 4, ("float32", (3, 2)): 3 * 5 * 4, ("float32", (2,)): 2 * 4}
+    out.backward()  # the hooks hand the saved tensors back unchanged
+    torch.testing.assert_close(x.grad, torch.cat([x.cos()[:, :2] * w, torch.zeros(3, 3)], 1) - x.sin())
+
+
+def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
+    """bench/saved_activations.py on a toy TRM step: what autograd keeps is exactly a fixed part (the bf16 weight
+    copies, the same at every batch) plus the same bytes per sample, and the script prints that tally; the float32
+    residual stream (B, L, hidden) that explains Athena's memory gap to the official TRM shows up in the table."""
+    import argparse
+
+    from bench.saved_activations import athena_step, tally
+
+    def saved(batch):
+        args = argparse.Namespace(tiny=True, mixer="mlp", stream_dtype="autocast", adapter="none", ia3_recompute=False,
+                                  batch=batch, eager=True)
+        step = athena_step(args)
+        for _ in range(2):  # as the script: reach the steady carry first
+            step().backward()
+        groups, loss = tally(step)
+        loss.backward()
+        return groups
+
+    tallies = {batch: saved(batch) for batch in (2, 4, 6)}
+    totals = {batch: sum(groups.values()) for batch, groups in tallies.items()}
+    per_sample = (totals[4] - totals[2]) // 2
+    assert per_sample > 0 and totals[6] - totals[4] == 2 * per_sample  # exact: bytes are integers
+    fixed = {key: nbytes for key, nbytes in tallies[2].items() if all(t.get(key) == nbytes for t in tallies.values())}
+    assert fixed and totals[2] - 2 * per_sample == sum(fixed.values())  # the rest is what does not grow with the batch
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/saved_activations.py"), "--tiny", "--eager",
+                           "--batch", "4", "--top", "50"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"batch 4: {totals[4] / 4 / 2**20:.1f} MB saved per sample ({len(tallies[4])} dtype/shape groups)" in proc.stdout
+    assert "| float32 | (4, 83, 32) |" in proc.stdout
 
 
 def test_time_to_accuracy_compare_draws_the_given_runs(tmp_path):
