@@ -165,3 +165,38 @@ def test_config_loss_type_reaches_the_model():
         cfg = validate_config(compose_config(["arch.hidden_size=16", "arch.num_heads=2", f"arch.loss_type={loss_type}"]))
         model = build_model(cfg, SimpleNamespace(vocab_size=6, seq_len=4, num_puzzle_identifiers=2))
         assert model.loss_type == loss_type
+
+
+def test_deep_supervision_metrics_match_a_reference_on_edge_cases():
+    """Metrics summed over the slots that halted and have labels, on sequences with 0, 1 and several labelled
+    cells and halting logits on both sides of 0 and of 1 (the threshold is 0)."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(6, 4, 5, generator=g) * 2
+    labels = torch.randint(0, 5, (6, 4), generator=g)
+    labels[0] = logits[0].argmax(-1)  # exactly right
+    labels[1, 1:] = -100  # one labelled cell, predicted right: exact
+    labels[1, 0] = logits[1, 0].argmax()
+    labels[2, :3] = -100  # one labelled cell, predicted wrong
+    labels[2, 3] = (logits[2, 3].argmax() + 1) % 5
+    labels[3] = -100  # no labels: never counted
+    q = torch.tensor([0.5, -0.5, -0.7, 2.0, -2.0, 1.5])
+    halted = torch.tensor([True, True, True, True, True, False])
+    steps = torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.int32)
+    loss, m = deep_supervision_loss(logits, labels, q, halted, steps, "stablemax", halt_loss_weight=0.5)
+
+    lg, lb, qn = logits.double().numpy(), labels.numpy(), q.double().numpy()
+    valid = lb != -100
+    n_valid = valid.sum(-1)
+    correct = (lg.argmax(-1) == lb) & valid
+    exact = correct.sum(-1) == n_valid
+    lm = stablemax_ce_reference(lg, lb).sum(-1) / np.maximum(n_valid, 1)
+    bce = np.logaddexp(0.0, qn) - qn * exact
+    done = halted.numpy() & (n_valid > 0)
+    assert list(done) == [True, True, True, False, True, False]
+    expected = {"count": done.sum(), "accuracy": (correct.sum(-1) / np.maximum(n_valid, 1))[done].sum(),
+                "exact_accuracy": exact[done].sum(), "q_halt_accuracy": ((qn > 0) == exact)[done].sum(),
+                "steps": steps.numpy()[done].sum(), "lm_loss": lm[done].sum(), "q_halt_loss": bce[done].sum()}
+    assert expected["exact_accuracy"] == 2 and expected["q_halt_accuracy"] == 3  # slots 0, 1 exact; q > 0 on 0
+    for name, value in expected.items():
+        np.testing.assert_allclose(m[name].item(), value, rtol=1e-6, err_msg=name)  # float32 sums of a few terms
+    np.testing.assert_allclose(loss.item(), (lm + 0.5 * bce).sum(), rtol=1e-6)
