@@ -130,8 +130,9 @@ def run_steps(model, batch, n):
     return carry, history
 
 
-def test_confident_q_head_halts_after_one_step_in_training():
-    model = small_model(halt_max_steps=5)
+@pytest.mark.parametrize("halt_max_steps", [2, 5])  # 2: the smallest budget where the Q head has a say
+def test_confident_q_head_halts_after_one_step_in_training(halt_max_steps):
+    model = small_model(halt_max_steps=halt_max_steps)
     set_halt_bias(model, 20.0)
     _, history = run_steps(model, make_batch(6, seed=0), 2)
     for steps, halted, _ in history:
@@ -184,10 +185,11 @@ def test_exploration_minimum_is_uniform_on_2_to_halt_max_steps(p):
         assert abs(running - expected) <= binomial_tolerance(expected, B), (s, running, expected)
     # The largest minimum, M, is drawn: some slots run on after M - 1 steps (expected p/(M-1) of them).
     assert not model.decide_halt(torch.full((B,), M - 1, dtype=torch.int32), wants_halt).all()
-    # A Q head that says continue runs every slot to M, exploration or not.
+    # A Q head that says continue (a halting logit <= 0, as in the official TRM) runs every slot to M.
     for s in range(1, M + 1):
-        halted = model.decide_halt(torch.full((B,), s, dtype=torch.int32), -wants_halt)
-        assert bool(halted.all()) == (s == M) and bool(halted.any()) == (s == M)
+        for says_continue in (-wants_halt, torch.zeros(B)):
+            halted = model.decide_halt(torch.full((B,), s, dtype=torch.int32), says_continue)
+            assert bool(halted.all()) == (s == M) and bool(halted.any()) == (s == M)
 
 
 def test_exploration_forces_a_random_minimum_number_of_steps():
