@@ -11,7 +11,8 @@ given tests (`pytest -x`, one thread, no bytecode written) and then writes the o
 on Ctrl-C). A mutant the tests pass on SURVIVED: a behaviour no test checks, or a change that is equivalent (alters
 nothing observable). Docstrings, `raise` and `assert` statements and f-strings are left alone.
 
-Prints every mutant's fate and a summary; exits 0. Runs take a few seconds each: restrict with --functions.
+Prints every mutant's fate and a summary; exits 0. Runs take a few seconds each: restrict with --functions or
+--lines, resume with --start.
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("module", type=Path, help="the source file to mutate, relative to the repository")
     parser.add_argument("--tests", nargs="+", required=True, help="pytest arguments: test files, -k expressions")
     parser.add_argument("--functions", nargs="*", default=None, help="mutate only inside these functions/methods")
+    parser.add_argument("--lines", default=None,
+                        help="only mutants on these lines, e.g. 21-29,64 (re-check survivors after adding tests)")
+    parser.add_argument("--start", type=int, default=1, help="begin at mutant N (resume a run cut short)")
     parser.add_argument("--list", action="store_true", help="print the mutants and stop")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop starting new mutants after this")
     args = parser.parse_args()
@@ -167,9 +171,12 @@ def main() -> None:
     original = path.read_text()
     mutants = find_mutants(original, set(args.functions) if args.functions is not None else None)
     mutants = [m for m in mutants if _compiles(apply(original, m))]
+    if args.lines:
+        wanted = _line_set(args.lines)
+        mutants = [m for m in mutants if m.line in wanted]
     if args.list:
-        for m in mutants:
-            print(f"{args.module}:{m.line}: {m.description}")
+        for i, m in enumerate(mutants, 1):
+            print(f"[{i}] {args.module}:{m.line}: {m.description}")
         print(f"{len(mutants)} mutants")
         return
 
@@ -187,6 +194,8 @@ def main() -> None:
     results: list[tuple[Mutant, str]] = []
     try:
         for i, mutant in enumerate(mutants, 1):
+            if i < args.start:
+                continue
             if time.monotonic() > deadline:
                 print(f"[mutate] --max-minutes reached: {len(mutants) - i + 1} mutants not run", flush=True)
                 break
@@ -205,6 +214,14 @@ def main() -> None:
           f"{len(survivors)} survived")
     for m, _ in survivors:
         print(f"  survived  {args.module}:{m.line}: {m.description}")
+
+
+def _line_set(spec: str) -> set[int]:
+    lines: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.partition("-")
+        lines.update(range(int(first), int(last or first) + 1))
+    return lines
 
 
 def _compiles(source: str) -> bool:
