@@ -66,7 +66,7 @@ def build(official_dir: str, mixer: str, size: dict = TOY, halt_exploration_prob
 
 
 def official_weights(official) -> dict[str, torch.Tensor]:
-    """The official model's weights and buffers under Athena's names (its per-batch puzzle-embedding scratch left out)."""
+    """The official model's weights and buffers under Athena's names (not its per-batch puzzle-embedding scratch)."""
     return {athena_name(k): v for k, v in official.state_dict().items()
             if k.startswith("model.inner.") and "local_" not in k}
 

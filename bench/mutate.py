@@ -99,7 +99,7 @@ def find_mutants(source: str, functions: set[str] | None) -> list[Mutant]:
                     new = _replaced(node, ops=ops)
                     expression(node, new, f"{ast.unparse(node)}  ->  {ast.unparse(new)}")
         elif isinstance(node, ast.BinOp) and type(node.op) in SWAP_BINOP:
-            if not (isinstance(node.op, ast.Mod) or isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):
+            if not (isinstance(node.left, ast.Constant) and isinstance(node.left.value, str)):  # "a" + b: not maths
                 new = _replaced(node, op=SWAP_BINOP[type(node.op)]())
                 expression(node, new, f"{ast.unparse(node)}  ->  {ast.unparse(new)}")
         elif isinstance(node, ast.BoolOp):

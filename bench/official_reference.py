@@ -63,7 +63,8 @@ def run_official(official, athena, batch: dict[str, torch.Tensor]) -> dict[str, 
     grads: dict[str, torch.Tensor] = {}
     for step in range(STEPS):
         torch.manual_seed(SEED + step)
-        carry, loss, _, outputs, _ = official(carry=carry, batch=official_batch, return_keys=["logits", "q_halt_logits"])
+        carry, loss, _, outputs, _ = official(carry=carry, batch=official_batch,
+                                              return_keys=["logits", "q_halt_logits"])
         q = outputs["q_halt_logits"]
         if q.abs().min() < MIN_HALT_MARGIN:
             raise SystemExit(f"error: step {step}: a halting logit is {q.abs().min():.1e} from 0; pick another SEED")

@@ -59,8 +59,8 @@ def test_max_minutes_stops_training_early_and_still_evaluates(tmp_path, data_roo
 
 
 # The fields docs/benchmarks.md's throughput table reads from bench/results/throughput.json, and the rest of a record.
-THROUGHPUT_FIELDS = {"impl", "recipe", "variant", "device", "torch", "batch", "compiled", "compile_mode", "samples_per_s",
-                     "step_ms", "peak_mem_gb", "gflop_per_sample_step", "mfu", "timed_steps"}
+THROUGHPUT_FIELDS = {"impl", "recipe", "variant", "device", "torch", "batch", "compiled", "compile_mode",
+                     "samples_per_s", "step_ms", "peak_mem_gb", "gflop_per_sample_step", "mfu", "timed_steps"}
 
 
 def test_throughput_bench_times_the_training_steps_it_records(tmp_path, data_root):
@@ -226,7 +226,8 @@ def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench/saved_activations.py"), "--tiny", "--eager",
                            "--batch", "4", "--top", "50"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"batch 4: {totals[4] / 4 / 2**20:.1f} MB saved per sample ({len(tallies[4])} dtype/shape groups)" in proc.stdout
+    printed = f"batch 4: {totals[4] / 4 / 2**20:.1f} MB saved per sample ({len(tallies[4])} dtype/shape groups)"
+    assert printed in proc.stdout
     assert "| float32 | (4, 83, 32) |" in proc.stdout
 
 

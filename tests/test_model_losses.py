@@ -162,7 +162,8 @@ def test_config_loss_type_reaches_the_model():
     from athena.training.recipe import build_model
 
     for loss_type in ("softmax", "stablemax"):
-        cfg = validate_config(compose_config(["arch.hidden_size=16", "arch.num_heads=2", f"arch.loss_type={loss_type}"]))
+        overrides = ["arch.hidden_size=16", "arch.num_heads=2", f"arch.loss_type={loss_type}"]
+        cfg = validate_config(compose_config(overrides))
         model = build_model(cfg, SimpleNamespace(vocab_size=6, seq_len=4, num_puzzle_identifiers=2))
         assert model.loss_type == loss_type
 
