@@ -35,18 +35,25 @@ def athena_name(official: str) -> str:
             .replace("puzzle_emb.weights", "puzzle_embedding.weight"))
 
 
-def build(official_dir: str, mixer: str):
+def athena_config(mixer: str, size: dict, halt_exploration_prob: float = 0.1) -> dict:
+    """TinyRecursiveModel's arguments for the official model that `build` makes at `size` (float32 stream)."""
+    return dict(vocab_size=size["vocab_size"], seq_len=size["seq_len"],
+                num_puzzle_identifiers=size["num_puzzle_identifiers"], hidden_size=size["hidden_size"],
+                num_heads=size["num_heads"], expansion=4.0, num_layers=2, H_cycles=size["H_cycles"],
+                L_cycles=size["L_cycles"], halt_max_steps=size["halt_max_steps"],
+                halt_exploration_prob=halt_exploration_prob, puzzle_emb_len=size["puzzle_emb_len"], mixer=mixer,
+                stream_dtype="float32")
+
+
+def build(official_dir: str, mixer: str, size: dict = TOY, halt_exploration_prob: float = 0.1):
+    """The official model (+ loss head) at `size` and Athena's TinyRecursiveModel holding the same weights."""
     from athena.models.trm import TinyRecursiveModel
     from bench import references
 
     _, official = references.build_official_step(official_dir, "mlp" if mixer == "mlp" else "att", device="cpu",
-                                                 compile=False, bf16=False, seed=0, **TOY)
-    athena = TinyRecursiveModel(vocab_size=TOY["vocab_size"], seq_len=TOY["seq_len"],
-                                num_puzzle_identifiers=TOY["num_puzzle_identifiers"],
-                                hidden_size=TOY["hidden_size"], num_heads=TOY["num_heads"], expansion=4.0,
-                                num_layers=2, H_cycles=TOY["H_cycles"], L_cycles=TOY["L_cycles"],
-                                halt_max_steps=TOY["halt_max_steps"], halt_exploration_prob=0.1,
-                                puzzle_emb_len=TOY["puzzle_emb_len"], mixer=mixer, stream_dtype="float32")
+                                                 compile=False, bf16=False, seed=0,
+                                                 halt_exploration_prob=halt_exploration_prob, **size)
+    athena = TinyRecursiveModel(**athena_config(mixer, size, halt_exploration_prob))
     # The official zero-initialises its puzzle embedding and Q head (bias -5: nothing halts early); give them values
     # so that the puzzle-embedding gradient and halting on the Q head's say are exercised too.
     gen = torch.Generator().manual_seed(1)
@@ -54,9 +61,19 @@ def build(official_dir: str, mixer: str):
         official.model.inner.puzzle_emb.weights.normal_(generator=gen)
         official.model.inner.q_head.weight.normal_(std=0.3, generator=gen)
         official.model.inner.q_head.bias.zero_()
-    ours = athena.state_dict()
-    theirs = {athena_name(k): v for k, v in official.state_dict().items()
-              if k.startswith("model.inner.") and "local_" not in k}
+    copy_weights(official, athena)
+    return official, athena
+
+
+def official_weights(official) -> dict[str, torch.Tensor]:
+    """The official model's weights and buffers under Athena's names (not its per-batch puzzle-embedding scratch)."""
+    return {athena_name(k): v for k, v in official.state_dict().items()
+            if k.startswith("model.inner.") and "local_" not in k}
+
+
+def copy_weights(official, athena) -> None:
+    """Load the official model's weights into Athena's model; stops if the names or shapes do not map one to one."""
+    ours, theirs = athena.state_dict(), official_weights(official)
     if set(theirs) != set(ours):
         raise SystemExit(f"error: weight names do not map one to one: official-only {sorted(set(theirs) - set(ours))}, "
                          f"Athena-only {sorted(set(ours) - set(theirs))}")
@@ -64,7 +81,27 @@ def build(official_dir: str, mixer: str):
         if v.shape != ours[k].shape:
             raise SystemExit(f"error: {k}: official shape {tuple(v.shape)}, Athena's {tuple(ours[k].shape)}")
     athena.load_state_dict(theirs)
-    return official, athena
+
+
+def official_gradients(official, athena) -> dict[str, torch.Tensor | None]:
+    """After a backward of the official loss: the gradient of each of Athena's parameters as the official model
+    holds it (None where it has none); the puzzle embedding's per-batch-row gradient summed per puzzle id, the
+    dense form of Athena's sparse gradient."""
+    inner = official.model.inner
+    names = {athena_name(k): p for k, p in official.named_parameters() if k.startswith("model.inner.")}
+    grads = {}
+    for name, p in athena.named_parameters():
+        if name == "puzzle_embedding.weight":
+            grads[name] = torch.zeros_like(p).index_add_(0, inner.puzzle_emb.local_ids.long(),
+                                                         inner.puzzle_emb.local_weights.grad)
+        else:
+            grads[name] = names[name].grad
+    return grads
+
+
+def zero_official_grads(official) -> None:
+    official.zero_grad(set_to_none=True)
+    official.model.inner.puzzle_emb.local_weights.grad = None  # a buffer: zero_grad does not reach it
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,7 +129,6 @@ def main() -> None:
     official_batch = {k: v.to(torch.int32) for k, v in batch.items()}
     official_carry = official.initial_carry(official_batch)
     athena_carry = athena.initial_carry(batch)
-    names = {athena_name(k): p for k, p in official.named_parameters() if k.startswith("model.inner.")}
     worst = 0.0
     for step in range(args.steps):
         torch.manual_seed(100 + step)
@@ -104,19 +140,14 @@ def main() -> None:
         same_halt = torch.equal(official_carry.halted, athena_carry.halted)
         diffs = {"logits": relative(out.logits.detach(), logits_o),
                  "loss": abs(out.loss.item() - loss_o.item()) / abs(loss_o.item())}
-        for model in (official, athena):
-            model.zero_grad(set_to_none=True)
-        official.model.inner.puzzle_emb.local_weights.grad = None  # a buffer: zero_grad does not reach it
+        zero_official_grads(official)
+        athena.zero_grad(set_to_none=True)
         loss_o.backward()
         out.loss.backward()
+        official_grads = official_gradients(official, athena)
         for name, p in athena.named_parameters():
-            if name == "puzzle_embedding.weight":
-                local = official.model.inner.puzzle_emb.local_weights
-                theirs = torch.zeros_like(p).index_add_(0, official.model.inner.puzzle_emb.local_ids.long(),
-                                                        local.grad)
-                ours = p.grad.to_dense() if p.grad.is_sparse else p.grad
-            else:
-                theirs, ours = names[name].grad, p.grad
+            theirs = official_grads[name]
+            ours = p.grad.to_dense() if p.grad is not None and p.grad.is_sparse else p.grad
             if theirs is None and ours is None:
                 continue
             if theirs is None or ours is None:

@@ -151,12 +151,13 @@ def build_official_step(ref_dir: str, variant: str, seq_len: int, vocab_size: in
                         hidden_size: int = 512, num_heads: int = 8, H_cycles: int = 3, L_cycles: int = 6,
                         puzzle_emb_len: int = 16, halt_max_steps: int = 16, *, L_layers: int = 2,
                         ema: bool = False, loop_extras: bool = False, seed: int = 0,
+                        halt_exploration_prob: float = 0.1,
                         ) -> tuple[Callable[[], None], torch.nn.Module]:
     """One `pretrain.py` training step of the official TRM (world size 1).
 
     Model: `TinyRecursiveReasoningModel_ACTV1` with `config/arch/trm.yaml` (L_layers 2, expansion 4, puzzle
     embedding of `hidden_size` dims spread over `puzzle_emb_len` positions, so the sequence is
-    puzzle_emb_len + seq_len long, halt exploration 0.1, no ACT-continue loss), `mlp_t=True` and
+    puzzle_emb_len + seq_len long, halt exploration 0.1 unless given, no ACT-continue loss), `mlp_t=True` and
     `pos_encodings=none` for the MLP variant as in the README's Sudoku command, RoPE for attention; wrapped in
     `ACTLossHead(loss_type="stablemax_cross_entropy")`, built under `torch.device(device)` (pretrain.py: "cuda")
     and, if `compile`, `torch.compile(model)` as pretrain.py does. Precision: `forward_dtype="bfloat16"` (fp32
@@ -185,7 +186,7 @@ def build_official_step(ref_dir: str, variant: str, seq_len: int, vocab_size: in
         pos_encodings="none" if variant == "mlp" else "rope",
         forward_dtype="bfloat16" if bf16 else "float32",
         mlp_t=variant == "mlp", puzzle_emb_len=puzzle_emb_len, no_ACT_continue=True,
-        halt_exploration_prob=0.1, halt_max_steps=halt_max_steps,
+        halt_exploration_prob=halt_exploration_prob, halt_max_steps=halt_max_steps,
         # create_model's additions
         batch_size=batch_size, vocab_size=vocab_size, seq_len=seq_len,
         num_puzzle_identifiers=num_puzzle_identifiers, causal=False,

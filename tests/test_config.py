@@ -37,9 +37,24 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_each_option_composes_and_validates(group, option):
-    cfg = validate_config(composed(f"{group}={option}"))
-    if group in ("arch", "data", "optimizer", "logger"):
-        assert getattr(cfg, group).model_dump(by_alias=True) is not None
+    config = composed(f"{group}={option}")
+    cfg = validate_config(config)
+    # What is built from the validated nodes (model_dump(by_alias=True) -> instantiate) must hold every key and
+    # value the YAML gave: validation may add defaults, never drop, rename or change what was written.
+    for node in ("arch", "data", "optimizer", "logger", "train", "adapter"):
+        assert_keeps(config[node], getattr(cfg, node).model_dump(by_alias=True), node)
+
+
+def assert_keeps(given, validated, path: str) -> None:
+    if isinstance(given, dict):
+        assert isinstance(validated, dict), f"{path}: a mapping became {validated!r}"
+        for key, value in given.items():
+            assert key in validated, f"{path}.{key}: dropped or renamed by validation"
+            assert_keeps(value, validated[key], f"{path}.{key}")
+    elif isinstance(given, list):  # a YAML list may validate to a tuple (betas)
+        assert list(validated) == given, f"{path}: {given!r} became {validated!r}"
+    else:
+        assert validated == given and type(validated) in (type(given), float), f"{path}: {given!r} became {validated!r}"
 
 
 def _target_nodes(node, path=""):

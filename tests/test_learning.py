@@ -5,6 +5,7 @@ generalisation to unseen puzzles, not recall."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -14,6 +15,10 @@ from athena.training.recipe import PretrainRecipe
 from conftest import CONF
 
 
+# One intra-op thread (conftest.one_thread, which gives the count back after): two threads were faster on a quiet
+# 2-core machine (95 s) but, with another process busy beside it, OpenMP's spinning workers made this test take
+# 16 minutes; a test must not depend on a quiet machine.
+@pytest.mark.usefixtures("one_thread")
 def test_small_trm_learns_4x4_sudoku(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("ATHENA_DATA_DIR", str(data_root))
     overrides = ["data=sudoku4", "device=cpu", "train.steps=300", "train.global_batch_size=64", "train.lr=3e-3",
@@ -22,7 +27,6 @@ def test_small_trm_learns_4x4_sudoku(tmp_path, data_root, monkeypatch):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     config = OmegaConf.to_container(cfg, resolve=True)
-    torch.set_num_threads(2)
     recipe = PretrainRecipe(validate_config(config), tmp_path)
     recipe.setup()
     before = recipe.evaluate(max_examples=None).result

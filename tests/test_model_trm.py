@@ -1,5 +1,7 @@
 """TinyRecursiveModel: shapes, the 1-step gradient, parameter counts, halting/ACT, carry bookkeeping, sparse grads."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,8 +130,9 @@ def run_steps(model, batch, n):
     return carry, history
 
 
-def test_confident_q_head_halts_after_one_step_in_training():
-    model = small_model(halt_max_steps=5)
+@pytest.mark.parametrize("halt_max_steps", [2, 5])  # 2: the smallest budget where the Q head has a say
+def test_confident_q_head_halts_after_one_step_in_training(halt_max_steps):
+    model = small_model(halt_max_steps=halt_max_steps)
     set_halt_bias(model, 20.0)
     _, history = run_steps(model, make_batch(6, seed=0), 2)
     for steps, halted, _ in history:
@@ -159,8 +162,40 @@ def test_halt_max_steps_one_always_halts():
     assert all(halted.all() and (steps == 1).all() for steps, halted, _ in history)
 
 
+def binomial_tolerance(q: float, n: int) -> float:
+    """4 standard deviations of a frequency with probability q over n draws: a correct implementation falls
+    outside with probability ~6e-5 per check, whatever the seed."""
+    return 4 * math.sqrt(q * (1 - q) / n)
+
+
+@pytest.mark.parametrize("p", [1.0, 0.3])
+def test_exploration_minimum_is_uniform_on_2_to_halt_max_steps(p):
+    """With prob p a slot gets a random minimum number of steps, uniform on {2, ..., halt_max_steps}, redrawn at
+    every step; a slot whose Q head says halt keeps running while its steps are below that minimum. So after s
+    steps it keeps running with prob p * P(min > s) = p * (M - s) / (M - 1): each value's frequency is checked,
+    so a minimum drawn from {1..M}, {2..M-1} or {3..M} (an off-by-one) fails."""
+    M, B = 5, 20000  # 20000 draws per s: 4 sigma is <= 0.014; an off-by-one moves some frequency by >= 0.08 * p
+    model = small_model(halt_max_steps=M, halt_exploration_prob=p)
+    torch.manual_seed(7)
+    wants_halt = torch.full((B,), 20.0)
+    for s in range(1, M + 1):
+        halted = model.decide_halt(torch.full((B,), s, dtype=torch.int32), wants_halt)
+        running = (~halted).float().mean().item()
+        expected = p * (M - s) / (M - 1)
+        assert abs(running - expected) <= binomial_tolerance(expected, B), (s, running, expected)
+    # The largest minimum, M, is drawn: some slots run on after M - 1 steps (expected p/(M-1) of them).
+    assert not model.decide_halt(torch.full((B,), M - 1, dtype=torch.int32), wants_halt).all()
+    # A Q head that says continue (a halting logit <= 0, as in the official TRM) runs every slot to M.
+    for s in range(1, M + 1):
+        for says_continue in (-wants_halt, torch.zeros(B)):
+            halted = model.decide_halt(torch.full((B,), s, dtype=torch.int32), says_continue)
+            assert bool(halted.all()) == (s == M) and bool(halted.any()) == (s == M)
+
+
 def test_exploration_forces_a_random_minimum_number_of_steps():
-    max_steps, p, B = 4, 0.5, 400
+    """The same through forward: the step at which each slot first halts follows from the per-step probabilities.
+    (The exact distribution of the minimum is checked above on 20000 draws; 1000 slots keep this one ~2 s.)"""
+    max_steps, p, B = 4, 0.5, 1000  # 4 sigma of a frequency over 1000 slots is <= 0.063
     model = small_model(hidden_size=16, num_heads=2, H_cycles=1, L_cycles=1, num_layers=1,
                         halt_max_steps=max_steps, halt_exploration_prob=p)  # fmt: skip
     set_halt_bias(model, 20.0)  # the Q head always wants to halt: only exploration can delay it
@@ -168,9 +203,10 @@ def test_exploration_forces_a_random_minimum_number_of_steps():
     batch = make_batch(B, seed=0)
     carry = model.initial_carry(batch)
     finish = torch.zeros(B, dtype=torch.int32)
-    for _ in range(max_steps):
-        carry, _ = model(carry, batch)
-        finish = torch.where((finish == 0) & carry.halted, carry.steps, finish)
+    with torch.no_grad():
+        for _ in range(max_steps):
+            carry, _ = model(carry, batch)
+            finish = torch.where((finish == 0) & carry.halted, carry.steps, finish)
     assert (finish >= 1).all() and (finish <= max_steps).all()  # everybody halted by halt_max_steps
     # As in official TRM the exploration minimum is redrawn at every step: a slot that has taken s steps keeps
     # running with prob p * P(randint(2, max+1) > s) = p * (max - s) / (max - 1), and always stops at max.
@@ -178,9 +214,10 @@ def test_exploration_forces_a_random_minimum_number_of_steps():
     reach = 1.0
     for k in range(1, max_steps + 1):
         expected = reach * (1 - keep_running[k - 1])
-        assert abs((finish == k).float().mean().item() - expected) < 0.07, k
+        frequency = (finish == k).float().mean().item()
+        assert abs(frequency - expected) <= binomial_tolerance(expected, B), (k, frequency, expected)
         reach *= keep_running[k - 1]
-    assert (finish > 1).any()
+    assert (finish == max_steps).any()  # expected in 2.8% = 28 slots: a minimum that never reaches max fails
 
 
 def test_halted_slots_take_new_data_and_fresh_state_running_slots_keep_theirs():

@@ -21,8 +21,9 @@ def adam_atan2_reference(p0, grads, lr, b1, b2, wd):
 
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize("tensor_lr", [False, True])
-def test_adam_atan2_matches_reference(foreach, tensor_lr):
-    lr, betas, wd = 0.05, (0.8, 0.9), 0.3
+@pytest.mark.parametrize("wd", [0.3, 1.0])  # 1.0: the Sudoku/maze recipes' weight decay
+def test_adam_atan2_matches_reference(foreach, tensor_lr, wd):
+    lr, betas = 0.05, (0.8, 0.9)
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
     start = [p.detach().numpy().copy() for p in params]
@@ -98,3 +99,33 @@ def test_state_dict_round_trip_gives_identical_continuation(make_opt):
     opt2.load_state_dict(saved_state)
     run(resumed, opt2, grads[3:])
     assert torch.equal(resumed.detach(), param.detach())
+
+
+def test_defaults_are_trms():
+    """Built without arguments, the optimisers use the official TRM's values; AdamAtan2 takes the batched
+    torch._foreach_* path when torch has it (one kernel per op for all tensors instead of one per tensor)."""
+    p = torch.zeros(2, requires_grad=True)
+    adam = AdamAtan2([p]).param_groups[0]
+    assert (adam["lr"], adam["betas"], adam["weight_decay"], adam["foreach"]) == (1e-4, (0.9, 0.95), 0.1, True)
+    sign = SignSGD([p]).param_groups[0]
+    assert (sign["lr"], sign["weight_decay"]) == (1e-2, 0.1)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda ps: AdamAtan2(ps, lr=-1e-3), "AdamAtan2: lr must be >= 0"),
+    (lambda ps: AdamAtan2(ps, betas=(1.0, 0.95)), r"AdamAtan2: betas must be in \[0, 1\)"),
+    (lambda ps: AdamAtan2(ps, betas=(0.9, 1.0)), r"AdamAtan2: betas must be in \[0, 1\)"),
+    (lambda ps: AdamAtan2(ps, betas=(-0.1, 0.95)), r"AdamAtan2: betas must be in \[0, 1\)"),
+    (lambda ps: AdamAtan2(ps, betas=(0.9, -0.1)), r"AdamAtan2: betas must be in \[0, 1\)"),
+    (lambda ps: AdamAtan2(ps, weight_decay=-0.1), "AdamAtan2: weight_decay must be >= 0"),
+    (lambda ps: SignSGD(ps, lr=-1e-3), "SignSGD: lr must be >= 0"),
+    (lambda ps: SignSGD(ps, weight_decay=-0.1), "SignSGD: weight_decay must be >= 0"),
+])
+def test_bad_arguments_raise_and_the_edges_of_the_valid_range_do_not(make, message):
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match=message):
+        make([p])
+    # 0 is a valid lr, weight decay and beta (a schedule may reach lr 0; betas 0 = no averaging).
+    AdamAtan2([p], lr=0.0, betas=(0.0, 0.0), weight_decay=0.0)
+    AdamAtan2([p], betas=(0.999, 0.999))
+    SignSGD([p], lr=0.0, weight_decay=0.0)

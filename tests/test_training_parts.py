@@ -17,6 +17,8 @@ def test_warmup_then_cosine_to_floor():
     assert lr_multiplier(9, **kw) == pytest.approx(1.0)
     assert lr_multiplier(60, **kw) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lr_multiplier(110, **kw) == pytest.approx(0.1)
+    assert lr_multiplier(10, **kw) == 1.0  # the first step after warm-up is the peak, not above it
+    assert lr_multiplier(500, **kw) == pytest.approx(0.1)  # past total_steps (a run extended on resume): the floor
     assert lr_multiplier(500, **{**kw, "kind": "constant"}) == 1.0
 
 
@@ -35,6 +37,24 @@ def test_ema_tracks_reference_and_swaps_back():
     with ema.applied():
         assert torch.allclose(layer.weight, reference["weight"])
     assert torch.equal(layer.weight, raw)
+
+
+def test_ema_state_round_trips_into_a_fresh_ema():
+    """Resume restores the EMA through load_state_dict: a fresh EMA given the saved state holds and applies the same
+    weights; a state for other parameters is refused."""
+    layer = torch.nn.Linear(3, 2)
+    ema = ModelEMA(dict(layer.named_parameters()), decay=0.5)
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    ema.update()
+    saved = ema.state_dict()
+    fresh = ModelEMA(dict(layer.named_parameters()), decay=0.5)  # its shadow starts at the current weights
+    assert not torch.equal(fresh.shadow["weight"], saved["weight"])
+    fresh.load_state_dict(saved)
+    with fresh.applied():
+        assert torch.equal(layer.weight, saved["weight"]) and torch.equal(layer.bias, saved["bias"])
+    with pytest.raises(KeyError, match="EMA state does not match the model"):
+        fresh.load_state_dict({"weight": saved["weight"]})
 
 
 def test_data_loaders_leave_the_global_rng_alone(tmp_path, data_root):
