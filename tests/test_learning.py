@@ -6,7 +6,6 @@ generalisation to unseen puzzles, not recall."""
 from __future__ import annotations
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

@@ -159,7 +159,7 @@ def test_config_loss_type_reaches_the_model():
     from types import SimpleNamespace
 
     from athena.config import compose_config, validate_config
-    from athena.training.recipe import build_model
+    from athena.models.build import build_model
 
     for loss_type in ("softmax", "stablemax"):
         overrides = ["arch.hidden_size=16", "arch.num_heads=2", f"arch.loss_type={loss_type}"]
