@@ -1,8 +1,8 @@
 """Mutation check: do the tests go red when the code they cover changes? (issue 20: "make it a habit")
 
-    python bench/mutate.py athena/models/losses.py --tests tests/test_model_losses.py
-    python bench/mutate.py athena/models/trm.py --functions decide_halt reset_slots --tests tests/test_model_trm.py
-    python bench/mutate.py athena/training/optimizers.py --tests tests/test_optimizers.py --list
+    python bench/mutate.py athena/models/trm/losses.py --tests tests/models/test_model_losses.py
+    python bench/mutate.py athena/models/trm/model.py --functions decide_halt reset_slots --tests tests/models/test_model_trm.py
+    python bench/mutate.py athena/training/optimizers.py --tests tests/training/test_optimizers.py --list
 
 Makes one small change at a time to the module's source: a comparison flipped (< to <=, == to !=, ...), an
 arithmetic operator swapped (+ -, * /, ** *), a number moved by one, True/False or and/or flipped, a `not` or unary

@@ -1,4 +1,4 @@
-"""Write the official TRM's numbers for tests/test_official_reference.py, so that comparison runs everywhere.
+"""Write the official TRM's numbers for tests/models/test_official_reference.py, so that comparison runs everywhere.
 
     python bench/official_reference.py --official-dir .ref/official --official-commit <its git commit>
 
@@ -9,7 +9,7 @@ weight to float16 values (stored exactly at half the bytes; both models then com
 deep-supervision steps in training mode on one batch, with `torch.manual_seed(SEED + step)` before each step so
 that halting exploration draws the same numbers wherever it is replayed. On the CPU, float32, eager.
 
-tests/reference/official_trm_<mixer>.safetensors holds:
+tests/models/reference/official_trm_<mixer>.safetensors holds:
     weight.<name>             every weight and buffer under Athena's names (float16; load as float32)
     batch.<key>               inputs, labels (-100 = no loss), puzzle_identifiers
     step<k>.<output>          logits, q_halt_logits, halted, steps, loss of step k (k = 0..STEPS-1)
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bench.compare_official import (athena_config, build, copy_weights, official_gradients,  # noqa: E402
                                     official_weights, zero_official_grads)
 
-OUT_DIR = ROOT / "tests" / "reference"
+OUT_DIR = ROOT / "tests" / "models" / "reference"
 # Tiny, so both files together stay ~200 KB: SwiGLU widths round up to 256 whatever the hidden size, so the MLPs
 # (3 * 256 * (hidden + sequence) weights per layer for TRM-MLP) dominate.
 SIZE = dict(seq_len=4, vocab_size=6, batch_size=8, num_puzzle_identifiers=3, hidden_size=8, num_heads=2,

@@ -1,5 +1,5 @@
 """Components a researcher would write in their own module and plug into a run by config alone: a model
-transform, a callback, a training task and an evaluator. tests/test_seams.py runs pretrain.py with them; nothing
+transform, a callback, a training task and an evaluator. tests/training/test_seams.py runs pretrain.py with them; nothing
 in athena/ knows they exist."""
 
 from __future__ import annotations

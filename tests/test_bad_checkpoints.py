@@ -11,7 +11,9 @@ import shutil
 import pytest
 import torch
 
-from conftest import fingerprint, last_line_error, run_script
+from helpers import fingerprint, last_line_error, run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 SMOKE = ("experiment=smoke",)
 

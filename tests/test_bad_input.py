@@ -13,7 +13,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, fingerprint, last_line_error, run_script, script_env
+from helpers import ROOT, fingerprint, last_line_error, run_script, script_env
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 SMOKE = ("experiment=smoke",)
 

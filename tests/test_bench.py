@@ -18,8 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from athena.data.format import PuzzleDataset
 from athena.data.synthetic import build_synthetic
 from bench.throughput import flops_per_sample_step
-from conftest import ROOT, run_script
-from tests.test_model_trm import SEQ, VOCAB, make_batch, small_model
+from helpers import ROOT, run_script
+from helpers import SEQ, VOCAB, make_batch, small_model
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
@@ -50,6 +50,7 @@ def test_synthetic_dataset_has_the_asked_shape_and_loads(tmp_path):
     assert inputs.shape == (10, 12) and inputs.min() >= 1 and inputs.max() <= 6
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_training_early_and_still_evaluates(tmp_path, data_root):
     proc = run_script("pretrain.py", "experiment=smoke", "train.steps=100000", "train.max_minutes=0.0001",
                       f"hydra.run.dir={tmp_path}", data_root=data_root)
@@ -63,6 +64,7 @@ THROUGHPUT_FIELDS = {"impl", "recipe", "variant", "device", "torch", "batch", "c
                      "samples_per_s", "step_ms", "peak_mem_gb", "gflop_per_sample_step", "mfu", "timed_steps"}
 
 
+@pytest.mark.slow
 def test_throughput_bench_times_the_training_steps_it_records(tmp_path, data_root):
     """bench/throughput.py at toy size: the recorded step time is that of the `--steps` training steps after the
     warm-up, bracketed by two independent clocks (the trainer's own window over those steps inside, this test's
@@ -103,6 +105,7 @@ def test_throughput_bench_times_the_training_steps_it_records(tmp_path, data_roo
     assert abs(record["gflop_per_sample_step"] - flops_per_sample_step(arch, 81, 11) / 1e9) <= 0.005
 
 
+@pytest.mark.slow
 def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, data_root):
     """bench/summarise_adaptation.py export-weights then wrap-weights: the bare EMA weights (as the time-to-accuracy
     bench exports them) plus the run's overrides become a checkpoint that evaluate.py scores exactly as the original."""
@@ -123,6 +126,7 @@ def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, d
     assert scores[0] == scores[1] and scores[0][1] > 0
 
 
+@pytest.mark.slow
 def test_adaptation_study_runs_end_to_end_at_toy_size_from_exported_weights(tmp_path, data_root):
     """bench/adaptation_trm.sh at toy size on TRM-MLP: pretrain a base, import its exported weights as a new
     base (the path the GPU study takes from the time-to-accuracy run), adapt it with hybrid (LoRA on the
@@ -200,6 +204,7 @@ def test_saved_activations_tally_counts_each_saved_storage_once():
     torch.testing.assert_close(x.grad, torch.cat([x.cos()[:, :2] * w, torch.zeros(3, 3)], 1) - x.sin())
 
 
+@pytest.mark.slow
 def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
     """bench/saved_activations.py on a toy TRM step: what autograd keeps is exactly a fixed part (the bf16 weight
     copies, the same at every batch) plus the same bytes per sample, and the script prints that tally; the float32
@@ -233,6 +238,7 @@ def test_saved_activations_tally_counts_what_autograd_keeps(tmp_path):
     assert "| float32 | (4, 83, 32) |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_time_to_accuracy_compare_draws_the_given_runs(tmp_path):
     """`bench/time_to_accuracy.py --compare LABEL=tta.json ...` puts finished runs' curves on one plot; a missing
     file stops it."""
@@ -260,6 +266,7 @@ def test_official_pipeline_maps_eval_steps_to_epochs_and_reads_its_records():
     assert curve(rows, start=70.0, n_test=5000) == [dict(minutes=1.0, step=100, exact=0.25, token=0.8, n=5000)]
 
 
+@pytest.mark.slow
 def test_official_pipeline_without_the_reference_code_stops_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench/official_pipeline.py"), "--ref-dir", str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT)
@@ -292,6 +299,7 @@ def test_memory_at_peak_replay_finds_what_was_live_at_the_peak():
 @pytest.mark.skipif(not (ROOT / ".ref/official/models").is_dir(),
                     reason="needs the official TRM code in .ref/official (git-ignored, never committed)")
 @pytest.mark.parametrize("mixer", ["mlp", "attention"])
+@pytest.mark.slow
 def test_athena_computes_the_official_trm_step_for_step(mixer):
     """Same weights, same batch, same seeds: halting, logits, loss and every gradient agree to float32 round-off
     with the official TRM over several deep-supervision steps (bench/compare_official.py)."""
@@ -302,6 +310,7 @@ def test_athena_computes_the_official_trm_step_for_step(mixer):
     assert proc.stdout.count("(same: True)") == 5
 
 
+@pytest.mark.slow
 def test_fp8_gemm_bench_runs_and_fp8_errors_are_those_of_its_formats(tmp_path):
     """bench/fp8_gemm.py at toy size on the CPU (real torch._scaled_mm): six GEMMs, each FP8 result within the
     rounding error of e4m3/e5m2 operands (a few percent) of the float32 product, and coarser than bf16's."""

@@ -11,7 +11,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 
 from athena.config import ARCH_SCHEMAS, ConfigError, validate_config
-from conftest import CONF, run_script
+from helpers import CONF, composed, run_script
 
 GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", "freezing", "exit", "logger",
           "experiment"]
@@ -19,12 +19,6 @@ GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def composed(*overrides: str) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
@@ -100,6 +94,7 @@ def test_bad_values_fail_with_one_clear_line(override, expected):
     assert expected in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_config_before_any_work(tmp_path):
     empty_data_root = tmp_path / "data"
     proc = run_script("pretrain.py", "train.lr=-1", f"hydra.run.dir={tmp_path / 'bad_run'}",
@@ -109,6 +104,7 @@ def test_cli_rejects_bad_config_before_any_work(tmp_path):
     assert not empty_data_root.exists(), "no dataset should be built for an invalid config"
 
 
+@pytest.mark.slow
 def test_cli_prints_composed_config(data_root):
     proc = run_script("pretrain.py", "arch=athena_trm_mlp", "--cfg", "job", data_root=data_root)
     printed = OmegaConf.create(proc.stdout)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from conftest import last_line_error, run_script
+from helpers import last_line_error, run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 SMOKE = ("experiment=smoke",)
 

@@ -10,7 +10,7 @@ import yaml
 
 from athena.adapters.config import FIELD_NAMES, AdapterConfig, AdapterConfigError, default_value
 from athena.config import AdapterNode, ConfigError, compose_config, validate_config
-from conftest import CONF
+from helpers import CONF
 
 KNOBS = [name for name in FIELD_NAMES if name != "method"]
 

@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from athena.config import validate_config
 from athena.training.recipe import PretrainRecipe
-from conftest import CONF
+from helpers import CONF
+
+pytestmark = pytest.mark.slow  # 300 training steps in process
 
 
 # One intra-op thread (conftest.one_thread, which gives the count back after): two threads were faster on a quiet

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 PLUGGED = ("experiment=smoke", "train.eval_every=null",
            "model_transforms=[{_target_:tests.plugins.add_output_bias}]",

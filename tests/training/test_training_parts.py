@@ -61,7 +61,7 @@ def test_data_loaders_leave_the_global_rng_alone(tmp_path, data_root):
     """Halting exploration draws from the global torch RNG, which checkpoints save and restore. Creating a data
     iterator must not draw from it (DataLoader does by default): a resumed run creates its iterator after the
     restore, and periodic evals create theirs mid-run, which would shift the stream and break exact resume."""
-    from test_config import composed
+    from helpers import composed
 
     from athena.config import validate_config
     from athena.training.recipe import PretrainRecipe

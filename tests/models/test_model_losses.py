@@ -141,7 +141,7 @@ def test_softmax_loss_type_matches_a_hand_computed_reference_and_differs_from_st
 def test_trm_uses_the_loss_type_it_was_built_with(loss_type):
     """The model's loss_type (arch.loss_type) reaches the loss: its loss equals the hand-computed reference of
     that type on its own logits and halting logits."""
-    from tests.test_model_trm import make_batch, small_model
+    from helpers import make_batch, small_model
 
     model = small_model(loss_type=loss_type)
     batch = make_batch(3, seed=5)

@@ -13,7 +13,7 @@ from torch import nn
 import athena
 import athena.adapters
 from athena.adapters import AdapterConfig, AdapterConfigError, BottleneckWrapper, PolyAdapter, add_adapters
-from conftest import ROOT
+from helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -51,6 +51,7 @@ def test_every_exported_name_resolves_and_a_wrong_one_is_an_attribute_error(pack
         package.PolyAdaptor
 
 
+@pytest.mark.slow
 def test_importing_athena_or_its_config_schema_loads_no_torch():
     """pretrain.py imports athena.cli and athena.config before it validates anything; the public names load torch
     only when first used, so `--help` and a bad config stay fast (torch and its compiler take seconds)."""

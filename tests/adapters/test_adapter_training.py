@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from athena.config import ConfigError, validate_config
-from conftest import CONF, run_script
-from test_config import composed
+from helpers import CONF, run_script
+from helpers import composed
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 METHODS = ["lora", "ia3", "moe", "poly", "hybrid"]
 # A 20-step 4x4 Sudoku TRM (experiment=smoke) with one final eval; adapter runs start from its last.pt.

@@ -13,7 +13,7 @@ from athena.data.build import ensure_dataset
 from athena.data.format import DatasetError, DatasetMetadata, PuzzleDataset, write_identifiers, write_split
 from athena.data.sampler import PuzzleBatchSampler
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_dataset(root, *, uneven=True, seed=0):
@@ -183,6 +183,7 @@ def test_ensure_dataset_caches_and_rebuilds(tmp_path, capsys):
         ensure_dataset(broken, {"_target_": "athena.data.nothing.here"})
 
 
+@pytest.mark.slow
 def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "athena.data.build", "--help"], cwd=REPO,
                             capture_output=True, text=True, timeout=60)

@@ -11,10 +11,13 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
-from conftest import ONE_THREAD_ENV, ROOT, run_script
 from athena.checkpoint import step_files
+from helpers import ONE_THREAD_ENV, ROOT, run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 OVERRIDES = ("experiment=smoke", "train.steps=60", "train.checkpoint_every=3", "train.log_every=3",
              "train.eval_every=null")

@@ -6,7 +6,11 @@ import json
 import struct
 from pathlib import Path
 
-from conftest import run_script
+import pytest
+
+from helpers import run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 
 def _records(run_file) -> list[bytes]:

@@ -7,32 +7,9 @@ import torch
 
 from athena.models import TinyRecursiveModel
 from athena.models.trm.layers import swiglu_intermediate_size
-
-VOCAB, SEQ, NUM_IDS = 6, 16, 7
-
+from helpers import NUM_IDS, SEQ, VOCAB, make_batch, small_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
-
-
-def small_model(**overrides) -> TinyRecursiveModel:
-    kwargs = dict(
-        vocab_size=VOCAB, seq_len=SEQ, num_puzzle_identifiers=NUM_IDS, hidden_size=32, num_heads=4, expansion=2.0,
-        num_layers=2, H_cycles=2, L_cycles=3, halt_max_steps=4, halt_exploration_prob=0.0, puzzle_emb_len=2,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    torch.manual_seed(0)
-    return TinyRecursiveModel(**kwargs)
-
-
-def make_batch(batch_size: int, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(2, VOCAB, (batch_size, SEQ), generator=g)
-    labels[:, -1] = -100  # one ignored cell per sequence
-    return {
-        "inputs": torch.randint(1, VOCAB, (batch_size, SEQ), generator=g),
-        "labels": labels,
-        "puzzle_identifiers": torch.randint(0, NUM_IDS, (batch_size,), generator=g),
-    }
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])

@@ -650,6 +650,7 @@ def test_ia3_recompute_gives_the_same_gradients_and_saves_no_base_output(parts):
     assert (35, 48) in saved[0] and (35, 48) not in saved[1]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["lora", "poly", "hybrid"])
 def test_cuda_bf16_autocast_and_int8_base(method):

@@ -5,7 +5,7 @@ Compiled vs eager is in test_compile.py, the foreach optimizer update vs its ref
 import pytest
 import torch
 
-from tests.test_model_trm import make_batch, small_model
+from helpers import make_batch, small_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread

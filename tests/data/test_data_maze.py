@@ -11,7 +11,7 @@ import yaml
 from athena.data.dihedral import dihedral, inverse_dihedral
 from athena.data.format import PuzzleDataset
 from athena.data.maze import build_maze, generate_maze
-from conftest import CONF
+from helpers import CONF
 
 DOC_WALL, DOC_OPEN, DOC_START, DOC_GOAL, DOC_PATH = 1, 2, 3, 4, 5  # the token table in the maze module docstring
 MAZE_SAMPLE = 64  # distinct mazes of the shipped config: half train (each in all its dihedral copies), half test

@@ -1,6 +1,6 @@
 """Athena's TRM computes the official TRM's function, checked everywhere against numbers the official code produced.
 
-tests/reference/official_trm_<mixer>.safetensors holds the official model's weights (under Athena's names), a
+tests/models/reference/official_trm_<mixer>.safetensors holds the official model's weights (under Athena's names), a
 batch, and for 4 deep-supervision steps in training mode its logits, halting logits, halting decisions, step counts
 and loss, and the gradients summed over the steps (bench/official_reference.py wrote them once from the official
 code, which is never committed; bench/compare_official.py compares against the code itself where it is checked out).

@@ -11,6 +11,8 @@ import torch
 from athena.models.trm import TinyRecursiveModel
 from athena.training.compile import CompiledWithFallback
 
+pytestmark = pytest.mark.slow  # minutes of compilation and training on a CPU
+
 
 def _model_and_batch():
     torch.manual_seed(0)
@@ -160,6 +162,7 @@ def test_copy_out_copies_every_tensor_of_the_carry_and_keeps_gradients():
     assert model.lm_head.weight.grad is not None
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_mode_trains_like_eager():
     """compile_mode=reduce-overhead records CUDA graphs; the carry each step returns is the next step's input, so

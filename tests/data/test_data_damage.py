@@ -13,7 +13,7 @@ from athena.data.build import ensure_dataset
 from athena.data.format import DamagedDatasetError, DatasetError, PuzzleDataset
 from athena.data.sampler import PuzzleBatchSampler
 from athena.data.synthetic import build_synthetic
-from conftest import CONF, run_script
+from helpers import CONF, run_script
 
 SYNTHETIC = {"_target_": "athena.data.synthetic.build_synthetic", "seq_len": 6, "vocab_size": 5,
              "num_train": 10, "num_test": 4}
@@ -154,6 +154,7 @@ def test_a_builder_that_writes_a_bad_dataset_is_stopped(tmp_path):
     assert not out.exists() and not list(tmp_path.glob(".bad.building-*"))
 
 
+@pytest.mark.slow
 def test_pretrain_on_a_damaged_dataset_stops_with_one_line(tmp_path):
     """A dataset from elsewhere (no build.json, so used as is) with a truncated array: the run ends with the
     one-line error last on stderr, before training, instead of an mmap error inside the first step."""

@@ -22,7 +22,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from athena.config import ConfigError, validate_config
-from conftest import CONF, ROOT, run_script
+from helpers import CONF, ROOT, run_script
+
+pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
 # Exploration off: halting is then a deterministic function of the weights, the same in every layout.
 COMMON = ("experiment=smoke", "arch.halt_exploration_prob=0")
@@ -110,7 +112,7 @@ def _rank_gradients(rank: int, world: int, port: int, out_path: str) -> None:
     import torch.distributed as dist
 
     from athena.training import distributed
-    from test_model_trm import make_batch, small_model
+    from helpers import make_batch, small_model
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -150,7 +152,7 @@ def test_two_processes_compute_the_gradient_of_the_global_batch(tmp_path):
     gradients by O(1) of their size)."""
     import torch.multiprocessing as mp
 
-    from test_model_trm import make_batch, small_model
+    from helpers import make_batch, small_model
 
     out_path = tmp_path / "rank0.pt"
     mp.spawn(_rank_gradients, args=(2, free_port(), str(out_path)), nprocs=2, join=True)
