@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from torch import nn
 
 from athena.adapters import AdapterConfig, AdapterConfigError, add_adapters
 from athena.checkpoint import load_checkpoint, load_weights, model_weights
@@ -49,6 +50,27 @@ def build_run_model(cfg: RunConfig, metadata, *, load_init: bool = True) -> torc
     for transform in model_transforms(cfg):
         model = transform(model, cfg)
     return model
+
+
+def param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, sparse) trainable parameters: the model's own split where it has one (TRM: the puzzle embedding is
+    sparse, trained by sign-SGD), else every trainable parameter dense (a Hugging Face model)."""
+    if hasattr(model, "param_groups"):
+        return model.param_groups()
+    return [p for p in model.parameters() if p.requires_grad], []
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """The blocks FSDP shards one by one: the model's own list where it has one (TRM), else a Hugging Face model's
+    decoder layers, else none (the whole model is one unit)."""
+    if hasattr(model, "fsdp_units"):
+        return model.fsdp_units()
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("layers", "h", "blocks"):
+        units = getattr(decoder, name, None)
+        if isinstance(units, nn.ModuleList):
+            return list(units)
+    return []
 
 
 def model_transforms(cfg: RunConfig) -> list[ModelTransform]:
@@ -104,7 +126,8 @@ def check_adapter_has_base(cfg: RunConfig, resuming: bool | None = None) -> None
     base); `resuming` None means "if resume is set" (resume=auto that finds nothing checks again, as False)."""
     adapter = cfg.adapter
     resuming = cfg.resume != "none" if resuming is None else resuming
-    if adapter.name != "none" and adapter.freeze_base and not cfg.init_from and not resuming:
+    pretrained = bool(getattr(cfg.arch_config, "pretrained", None))  # the arch loads its own weights (SmolLM2)
+    if adapter.name != "none" and adapter.freeze_base and not (cfg.init_from or resuming or pretrained):
         raise ConfigError(
             f"adapter={adapter.name} freezes the base but init_from is not set: adapters would train on a random "
             "network; set init_from=<pretrained checkpoint> or adapter.freeze_base=false"

@@ -239,9 +239,10 @@ def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, sparse: list[torch.nn.Parameter]) -> None:
-    """FSDP2 in place: each of the model's `fsdp_units()` (TRM: the blocks of its reasoning net; none if it has no
-    such method), then the root, which takes the remaining dense params (TRM: token embedding, lm_head, q_head).
+def shard_model(model: torch.nn.Module, device: torch.device, units: list[torch.nn.Module],
+                sparse: list[torch.nn.Parameter]) -> None:
+    """FSDP2 in place: each of `units` (athena.models.build.fsdp_units: TRM's reasoning blocks, a Hugging Face model's
+    decoder layers), then the root, which takes the remaining dense params (TRM: token embedding, lm_head, q_head).
     The `sparse` parameters (TRM's puzzle embedding, trained with sparse gradients) stay replicated. Gradients are
     SUMMED over ranks (divide factor 1, plain SUM collectives), like sync_gradients does for the replicated path:
     each rank's loss is already divided by the global batch.
@@ -260,7 +261,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, sparse: list[torch
     # FSDP2 warns once that the root returns views (the carry's detached states, the logits slice); nothing
     # applies an in-place op to them.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    layers = model.fsdp_units() if hasattr(model, "fsdp_units") else []
+    layers = units
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     ignored = set(sparse)
     for layer in layers:

@@ -40,7 +40,7 @@ from athena.device import autocast_for
 from athena.errors import AthenaError
 from athena.eval.evaluators import EvalContext
 from athena.eval.plots import plot_training_curve
-from athena.models.build import build_run_model, check_adapter_has_base
+from athena.models.build import build_run_model, check_adapter_has_base, fsdp_units, param_groups
 from athena.training import distributed, run_state
 from athena.training.callbacks import BUILTIN_CALLBACKS, Callback
 from athena.training.compile import CompiledWithFallback
@@ -144,7 +144,7 @@ class PretrainRecipe:
         self.forward = self.model
         if self.cfg.train.compile:
             self.forward = CompiledWithFallback(self.model, self.cfg.train.compile_mode)
-        dense, sparse = self.model.param_groups()  # trainable parameters only
+        dense, sparse = param_groups(self.model)  # trainable parameters only
         total = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in dense + sparse)
         table = getattr(self.model, "puzzle_embedding", None)
@@ -165,12 +165,12 @@ class PretrainRecipe:
         if self.cfg.adapter.name != "none":
             raise AthenaError(f"adapter={self.cfg.adapter.name} is not supported with train.parallel=fsdp yet; "
                               "use train.parallel=ddp")
-        distributed.shard_model(self.model, self.device, sparse=self.model.param_groups()[1])
+        distributed.shard_model(self.model, self.device, fsdp_units(self.model), sparse=param_groups(self.model)[1])
         log.info("FSDP2: dense weights, gradients and optimizer state sharded over %d processes; the puzzle "
                  "embedding is replicated", self.dist.world_size)
 
     def _setup_optimizers(self) -> None:
-        dense, sparse = self.model.param_groups()
+        dense, sparse = param_groups(self.model)
         node = self.cfg.optimizer.model.model_dump(by_alias=True, exclude_none=True)
         if "fused" in self.cfg.optimizer.model.model_fields_set and self.cfg.optimizer.model.fused is None:
             node["fused"] = self.device.type == "cuda"
@@ -184,7 +184,7 @@ class PretrainRecipe:
         self.dense_params, self.sparse_params = dense, sparse
 
     def ema_params(self) -> dict[str, torch.nn.Parameter]:
-        sparse_ids = {id(p) for p in self.model.param_groups()[1]}
+        sparse_ids = {id(p) for p in param_groups(self.model)[1]}
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in sparse_ids}
 
     def _setup_task_and_callbacks(self) -> None:
@@ -260,6 +260,7 @@ class PretrainRecipe:
         t = self.cfg.train
         lr = self._set_lr()
         sums: dict[str, torch.Tensor] = {}
+        self.task.begin_step(batch)
         micro_batches = zip(*(v.chunk(t.grad_accum_steps) for v in batch.values()))
         for i, parts in enumerate(micro_batches):
             part = dict(zip(batch.keys(), parts))
@@ -303,7 +304,7 @@ class PretrainRecipe:
         (callbacks' aux losses, ...), then the loop's own."""
         values = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in self._reduce_window(window).items()}
         loop = {"grad_norm": values.pop("grad_norm"), "lr": values.pop("lr")}
-        out = self.task.summarise(values, n_steps)  # consumes its keys
+        out = self.task.summarise(values, n_steps, seconds)  # consumes its keys
         out.update({f"train/{k}": v / n_steps for k, v in values.items()})
         out["train/grad_norm"] = loop["grad_norm"] / n_steps
         out["train/lr"] = loop["lr"] / n_steps
