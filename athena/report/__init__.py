@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from athena.report.markdown import write_run_report
 from athena.report.runs import ReportError, Run, find_runs, is_run, load_run
-from athena.report.sweep import write_sweep_report
 
 __all__ = ["ReportError", "Run", "write_report"]
 
@@ -30,11 +28,16 @@ def write_report(folder: str | Path, out: str | Path | None = None, sort: str | 
         if sort or metric:
             raise ReportError("--sort and --metric compare the jobs of a multirun; "
                               f"{folder} is a single run (drop them)")
-        return write_run_report(load_run(folder), out)
+        run = load_run(folder)
+        from athena.report.markdown import write_run_report  # matplotlib: after the input is known to be readable
+
+        return write_run_report(run, out)
     jobs = [path for path in find_runs(folder) if out.resolve() not in (path.resolve(), *path.resolve().parents)]
     if not jobs:
         raise ReportError(f"{folder} is neither a run folder (no config.json, metrics.jsonl or pretrain.log) nor a "
                           "multirun folder (no run folders below it); pass outputs/<date>/<time> or "
                           "multirun/<date>/<time>")
     runs = [Run.load(path, name=path.relative_to(folder).as_posix()) for path in jobs]
+    from athena.report.sweep import write_sweep_report
+
     return write_sweep_report(folder, runs, out, sort=sort, order=order, metric=metric)
