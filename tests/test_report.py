@@ -141,21 +141,26 @@ def test_a_sweep_is_sorted_by_the_chosen_metric_and_lists_its_failed_job(tmp_pat
     accuracy = {"0_adapter=lora,train.lr=0.1": 0.5, "1_adapter=lora,train.lr=0.2": 0.9, "2_adapter=lora,train.lr=0.3": 0.7}
     for job, acc in accuracy.items():
         write_run(sweep / job, [{"step": 2, "time": 1.0, "train/loss": 1 - acc}], final={"step": 2, "accuracy": acc})
-    write_run(sweep / "3_adapter=lora,train.lr=0.4", [], final=None, log=["step 1 ok", "CUDA out of memory"])
+    write_run(sweep / "3_adapter=lora,train.lr=0.4", [{"step": 1, "time": 1.0, "train/loss": 2.0}], final=None,
+              log=["step 1 ok", "CUDA out of memory"])  # failed after its first log step
+    write_run(sweep / "4_adapter=lora,train.lr=0.5", [{"step": 1, "time": 1.0, "train/loss": float("nan")}],
+              final=None)  # diverged: NaN sorts nowhere, it goes last
 
     write_report(sweep, sort="eval/accuracy")
     table = markdown_table((sweep / "report" / "report.md").read_text(), "job")
     assert [(r["train.lr"], r["eval/accuracy"], r["status"]) for r in table] == [
         ("0.2", "90.00%", "finished"), ("0.3", "70.00%", "finished"), ("0.1", "50.00%", "finished"),
-        ("0.4", "–", "failed")]
+        ("0.4", "–", "failed"), ("0.5", "–", "failed")]
     assert "adapter" not in table[0]  # the same in every job: in the header, not a column
 
     write_report(sweep, sort="train/loss")  # a loss: lowest first unless told
     assert [r["train.lr"] for r in markdown_table((sweep / "report" / "report.md").read_text(), "job")] == [
-        "0.2", "0.3", "0.1", "0.4"]
+        "0.2", "0.3", "0.1", "0.4", "0.5"]
     write_report(sweep, sort="train.lr", order="desc")
     text = (sweep / "report" / "report.md").read_text()
-    assert [r["train.lr"] for r in markdown_table(text, "job")] == ["0.4", "0.3", "0.2", "0.1"]
+    assert [(r["train.lr"], r["status"], r["step"]) for r in markdown_table(text, "job")] == [
+        ("0.5", "failed", "1"), ("0.4", "failed", "1"), ("0.3", "finished", "2"), ("0.2", "finished", "2"),
+        ("0.1", "finished", "2")]
     failed = text.split("## Failed jobs", 1)[1]
     assert "3_adapter=lora,train.lr=0.4" in failed and "CUDA out of memory" in failed
     assert "Shared by every job: `adapter=lora`" in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,7 @@ def sort_jobs(values: dict[str, Any], descending: bool) -> list[str]:
     without one keep their order at the end."""
     numbers = {job: _number(v) if isinstance(v, str) else v for job, v in values.items()}
     if all(is_number(v) for v in numbers.values() if v is not None) and any(is_number(v) for v in numbers.values()):
-        ranked = {job: v for job, v in numbers.items() if is_number(v)}
+        ranked = {job: v for job, v in numbers.items() if is_number(v) and math.isfinite(v)}  # NaN compares false
     else:
         ranked = {job: str(v) for job, v in values.items() if v not in (None, "–")}
     order = sorted(ranked, key=lambda job: ranked[job], reverse=descending)
