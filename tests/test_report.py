@@ -130,10 +130,13 @@ def test_differences_from_the_defaults_are_the_overridden_keys():
     config = composed("train.lr=0.005", "arch.hidden_size=48", "seed=3")
     from athena.config import validate_config
 
-    changed = differences(validate_config(config).resolved())
+    resolved = validate_config(config).resolved()
+    resolved["task"]["chunk"] = 4  # a knob of this run's task that the default task does not have
+    resolved["data_root"] = "/scratch/elsewhere"  # where this machine caches data: not an experiment's choice
+    changed = differences(resolved)
     assert {key: (default, ours) for key, default, ours in changed} == {
         "train.lr": ("0.002", "0.005"), "optimizer.model.lr": ("0.002", "0.005"),
-        "arch.hidden_size": ("64", "48"), "seed": ("0", "3")}
+        "arch.hidden_size": ("64", "48"), "seed": ("0", "3"), "task.chunk": ("-", "4")}
 
 
 def test_a_sweep_is_sorted_by_the_chosen_metric_and_lists_its_failed_job(tmp_path):
