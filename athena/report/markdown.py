@@ -144,7 +144,8 @@ def write_run_report(run: Run, out: Path) -> list[Path]:
         for stem, content in run.evals.items():
             lines += eval_section(stem, content)
     else:
-        lines += ["No eval/final.json: the run did not finish.", ""]
+        lines += [f"No eval/final.json: the run {'is still running' if run.status == 'running' else 'did not finish'}.",
+                  ""]
 
     lines += ["## Training", ""]
     lines += table(["", ""], [[what, value] for what, value in training_summary(run)]) + [""]
