@@ -121,7 +121,8 @@ def test_a_language_model_run_gets_every_curve_and_its_numbers(tmp_path):
     assert "| MFU (median of log windows) | 13.00% |" in lines
     assert "| train/loss first → last | 5 → 3 |" in lines
     assert "| wall time | 13.0 s (first training step to last metric) |" in lines
-    assert "| perplexity | 40 |" in lines and "| unreadable metrics lines | 1 (skipped; a run killed mid-line) |" in lines
+    assert "| perplexity | 40 |" in lines
+    assert "| unreadable metrics lines | 1 (skipped; a run killed mid-line) |" in lines
     for stem in groups:
         assert f"]({stem}.png)" in text
 
@@ -141,7 +142,8 @@ def test_differences_from_the_defaults_are_the_overridden_keys():
 
 def test_a_sweep_is_sorted_by_the_chosen_metric_and_lists_its_failed_job(tmp_path):
     sweep = tmp_path / "sweep"
-    accuracy = {"0_adapter=lora,train.lr=0.1": 0.5, "1_adapter=lora,train.lr=0.2": 0.9, "2_adapter=lora,train.lr=0.3": 0.7}
+    accuracy = {"0_adapter=lora,train.lr=0.1": 0.5, "1_adapter=lora,train.lr=0.2": 0.9,
+                "2_adapter=lora,train.lr=0.3": 0.7}
     for job, acc in accuracy.items():
         write_run(sweep / job, [{"step": 2, "time": 1.0, "train/loss": 1 - acc}], final={"step": 2, "accuracy": acc})
     write_run(sweep / "3_adapter=lora,train.lr=0.4", [{"step": 1, "time": 1.0, "train/loss": 2.0}], final=None,
@@ -206,8 +208,8 @@ LRS = ("0.001", "0.002", "1e+30")  # the last one diverges at its first log step
 def sweep(tmp_path_factory, data_root):
     folder = tmp_path_factory.mktemp("multirun")
     proc = run_script("pretrain.py", "-m", "train.lr=1e-3,2e-3,1e30", "experiment=smoke", "train.steps=4",
-                      "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=4", f"hydra.sweep.dir={folder}",
-                      data_root=data_root, check=False)
+                      "train.log_every=2", "train.eval_every=2", "train.checkpoint_every=4",
+                      f"hydra.sweep.dir={folder}", data_root=data_root, check=False)
     jobs = sorted(p for p in folder.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == [f"{i}_experiment=smoke,train.checkpoint_every=4,train.eval_every=2,"
                                       f"train.log_every=2,train.lr={lr},train.steps=4" for i, lr in enumerate(LRS)]
