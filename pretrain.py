@@ -40,8 +40,8 @@ def main(cfg: DictConfig) -> float:
 
     from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
 
+    recipe = PretrainRecipe(run_cfg, run_dir)
     try:
-        recipe = PretrainRecipe(run_cfg, run_dir)
         try:
             recipe.setup()
             recipe.train()
@@ -49,6 +49,8 @@ def main(cfg: DictConfig) -> float:
         finally:
             recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
     except AthenaError as error:
+        if recipe.lock is not None:  # the folder is this run's: its log keeps why it stopped (not a busy folder's)
+            log.error("%s", error)
         exit_with_error(str(error))
     if recipe.is_main:  # under torchrun only rank 0 reports
         print(f"\n[athena] {run_cfg.data.name} test set ({report.scope()}, EMA weights): {report.headline()}.\n"

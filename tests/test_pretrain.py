@@ -104,6 +104,7 @@ def test_diverging_loss_stops_with_one_line(tmp_path, data_root):
                       full_errors=False)
     last = last_line_error(proc)
     assert last.startswith("error: train/") and "lower train.lr" in last and "no checkpoint was written yet" in last
+    assert last.removeprefix("error: ") in (tmp_path / "pretrain.log").read_text()  # the run's log says why it stopped
 
 
 def test_a_diverged_run_never_writes_a_non_finite_checkpoint(tmp_path, data_root):
