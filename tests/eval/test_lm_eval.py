@@ -241,7 +241,11 @@ def test_perplexity_evaluator_equals_torchmetrics_on_a_fine_tuning_split(one_thr
     assert report.mean_loss == pytest.approx(manual.item(), rel=1e-5)
 
 
-def test_dataset_without_tokenizer_or_tasks_stops_with_one_line(tmp_path, text_data):
+def test_bad_model_dataset_or_arguments_stop_with_one_line(tmp_path, text_data):
+    from helpers import small_model
+
+    with pytest.raises(LMEvalError, match=r"scores Hugging Face causal LMs .*this model is a TinyRecursiveModel"):
+        LMEvalEvaluator(tasks=["anything"]).evaluate(context(small_model(), text_data[0]))
     model = tiny_model(10)
     with pytest.raises(LMEvalError, match=r"no tokenizer in .*tokenizer: lm-eval needs a text dataset") as info:
         LMEvalEvaluator(tasks=["anything"]).evaluate(context(model, tmp_path / "puzzles"))
