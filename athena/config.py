@@ -31,10 +31,12 @@ class ArchNode(TargetNode):
 
 
 # The schema of each model class's hyperparameters (module:class, imported only when used).
-ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.config:TRMConfig"}
+ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.config:TRMConfig",
+                "athena.models.hf.causal_lm": "athena.models.hf_config:HFCausalLMConfig"}
 # The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
 # shows it and a command line overrides it without `+`) but its value is written once, in the schema.
-SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig"}
+SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
+                   "hf": "athena.models.hf_config:HFCausalLMConfig"}
 
 
 class ComponentNode(TargetNode):

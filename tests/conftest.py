@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from athena.offline import hf_offline
+
+hf_offline()  # before any test module imports transformers / datasets: they read HF_HUB_OFFLINE at import
+
 
 @pytest.fixture
 def one_thread():
