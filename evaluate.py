@@ -23,11 +23,10 @@ log = logging.getLogger("athena")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
-    from hydra.utils import instantiate
     from torch.utils.data import DataLoader
 
     from athena.checkpoint import CheckpointError, load_checkpoint, load_weights, model_weights, resolve_checkpoint_path
-    from athena.config import validate_config
+    from athena.config import build_component, validate_config
     from athena.data.build import ensure_dataset
     from athena.data.format import PuzzleDataset
     from athena.data.sampler import PuzzleBatchSampler
@@ -70,7 +69,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     sampler = PuzzleBatchSampler(test_set, cfg.eval.batch_size, train=False, seed=run_cfg.seed,
                                  max_examples=cfg.eval.max_examples)
     loader = DataLoader(test_set, sampler=sampler, batch_size=None, pin_memory=device.type == "cuda")
-    evaluator = instantiate({"_target_": run_cfg.evaluator.target, **run_cfg.evaluator.kwargs()})
+    evaluator = build_component(run_cfg.evaluator)
     report = evaluator.evaluate(EvalContext(model=model, loader=loader, device=device, data_dir=data_dir,
                                             autocast=autocast, progress=True))
 

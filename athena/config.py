@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, create_model, model_validator
 
 from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
-from athena.errors import ConfigError
+from athena.errors import AthenaError, ConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
 
@@ -201,3 +201,26 @@ def arch_schema(target: str, hyperparameters: dict[str, Any]) -> BaseModel | Non
         return _load(ARCH_SCHEMAS[target])(**hyperparameters)
     except ValidationError as error:
         raise ConfigError(f"invalid config: {describe(error, prefix='arch')}") from None
+
+
+def build_component(node: TargetNode, *, partial: bool = False, **extra: Any) -> Any:
+    """Instantiate a config node (`_target_` + its keyword arguments, + `extra`). A user error the target raises
+    (an AthenaError: a bad argument, a missing file) comes out as itself, one line, not inside Hydra's
+    InstantiationException; a ValueError from a constructor's own argument checks becomes a ConfigError naming it."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    fields = node.kwargs() if isinstance(node, ComponentNode) else node.hyperparameters() if isinstance(
+        node, ArchNode) else {}
+    spec = {"_target_": node.target, **({"_partial_": True} if partial or node.partial else {}), **fields}
+    try:
+        return instantiate(spec, **extra)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, AthenaError):
+            raise cause from None
+        if isinstance(cause, ValueError):  # a constructor's own check, which names its class
+            raise ConfigError(f"invalid config: {cause}") from None
+        if isinstance(cause, TypeError):  # e.g. an argument the target does not take
+            raise ConfigError(f"invalid config: {node.target}: {cause}") from None
+        raise

@@ -33,6 +33,7 @@ SMOKE = ("experiment=smoke",)
     (["train.lr=${nope}"], "error: invalid config: Interpolation key 'nope' not found"),
     (["arch.mixer=attention", "arch.hidden_size=30", "arch.num_heads=4"],
      "error: invalid config: arch: hidden_size 30 is not divisible by num_heads 4"),
+
 ])
 def test_config_mistakes_are_one_line_and_create_nothing(overrides, expected, tmp_path, data_root):
     run_dir = tmp_path / "outputs" / "run"
@@ -41,6 +42,14 @@ def test_config_mistakes_are_one_line_and_create_nothing(overrides, expected, tm
     last = last_line_error(proc)
     assert last.startswith(expected), last
     assert not run_dir.exists() and not (tmp_path / "outputs").exists(), sorted(tmp_path.rglob("*"))
+
+
+def test_a_component_given_an_argument_it_does_not_take_is_one_line(tmp_path, data_root):
+    """Built at set-up (after the config check): Hydra's instantiation error is unwrapped to the target's own."""
+    proc = run_script("pretrain.py", *SMOKE, "callbacks=[{_target_:tests.plugins.FreezeModuleAt,modul:net,step:1}]",
+                      f"hydra.run.dir={tmp_path}", data_root=data_root, check=False, full_errors=False)
+    last = last_line_error(proc)
+    assert last.startswith("error: invalid config: tests.plugins.FreezeModuleAt: ") and "modul" in last, last
 
 
 def test_option_list_is_complete_and_closest_first(tmp_path, data_root):

@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from torch import nn
 
 from athena.adapters import AdapterConfig, AdapterConfigError, add_adapters
 from athena.checkpoint import load_checkpoint, load_weights, model_weights
-from athena.config import RunConfig
+from athena.config import RunConfig, build_component
 from athena.errors import ConfigError
 
 log = logging.getLogger("athena")
@@ -30,15 +28,8 @@ ModelTransform = Callable[[torch.nn.Module, RunConfig], torch.nn.Module]
 
 def build_model(cfg: RunConfig, metadata) -> torch.nn.Module:
     """The arch node's `_target_`, sized by the dataset (vocab, sequence length, puzzle ids)."""
-    arch = cfg.arch.model_dump(by_alias=True)
-    arch.pop("_partial_", None)
-    try:
-        return instantiate(arch, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
+    return build_component(cfg.arch, vocab_size=metadata.vocab_size, seq_len=metadata.seq_len,
                            num_puzzle_identifiers=metadata.num_puzzle_identifiers)
-    except InstantiationException as error:  # the model's own argument checks (ValueError) come wrapped
-        if isinstance(error.__cause__, ValueError):
-            raise ConfigError(f"invalid config: arch: {error.__cause__}") from None
-        raise
 
 
 def build_run_model(cfg: RunConfig, metadata, *, load_init: bool = True) -> torch.nn.Module:
@@ -74,7 +65,7 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 def model_transforms(cfg: RunConfig) -> list[ModelTransform]:
-    extra = [instantiate({"_target_": node.target, "_partial_": True, **node.kwargs()}) for node in cfg.model_transforms]
+    extra = [build_component(node, partial=True) for node in cfg.model_transforms]
     return [*BUILTIN_TRANSFORMS, *extra]
 
 

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from athena.checkpoint import remove_stale_temp_files
-from athena.config import RunConfig
+from athena.config import RunConfig, build_component
 from athena.data.build import ensure_dataset
 from athena.data.format import PuzzleDataset
 from athena.data.sampler import PuzzleBatchSampler
@@ -189,11 +189,11 @@ class PretrainRecipe:
 
     def _setup_task_and_callbacks(self) -> None:
         t = self.cfg.train
-        self.task = instantiate({"_target_": self.cfg.task.target, **self.cfg.task.kwargs()})
+        self.task = build_component(self.cfg.task)
         self.task.global_batch_size = t.global_batch_size
         self.task.setup(self.model, t.grad_accum_steps, self.device)
         built_in = [make(self.cfg) for make in BUILTIN_CALLBACKS]
-        own = [instantiate({"_target_": node.target, **node.kwargs()}) for node in self.cfg.callbacks]
+        own = [build_component(node) for node in self.cfg.callbacks]
         self.callbacks: list[Callback] = [cb for cb in built_in + own if cb is not None]
         for callback in self.callbacks:
             callback.on_setup(self)
@@ -212,7 +212,7 @@ class PretrainRecipe:
             p.requires_grad_(trainable)
 
     def _setup_evaluator(self) -> None:
-        self.evaluator = instantiate({"_target_": self.cfg.evaluator.target, **self.cfg.evaluator.kwargs()})
+        self.evaluator = build_component(self.cfg.evaluator)
 
     def _setup_train_loader(self) -> None:
         t = self.cfg.train
