@@ -375,8 +375,9 @@ class PretrainRecipe:
         metrics = self._summarise(self._window, self._window_steps, time.perf_counter() - self._window_start)
         self.guard.check_metrics(metrics, self.step)
         self.loggers.log(metrics, self.step)
-        bar.set_postfix(loss=f"{metrics['train/lm_loss']:.3f}" if "train/lm_loss" in metrics else "-",
-                        exact=f"{metrics.get('train/exact_accuracy', 0):.3f}")
+        shown = {"loss": metrics.get("train/lm_loss", metrics.get("train/loss")),  # TRM's token loss; else the loss
+                 "exact": metrics.get("train/exact_accuracy"), "tok/s": metrics.get("train/tokens_per_s")}
+        bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if v is not None})
         self._window, self._window_steps, self._window_start = {}, 0, time.perf_counter()
 
     def _periodic_eval(self, bar) -> None:
