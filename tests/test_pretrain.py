@@ -194,3 +194,12 @@ def test_weights_only_file_resumes_with_a_warning(smoke_run, tmp_path, data_root
     for part in ("model", "ema"):
         for name, tensor in after[part].items():
             torch.testing.assert_close(tensor, trained[name], rtol=0, atol=1e-9, msg=f"{part}.{name}")
+
+
+def test_eval_at_start_scores_the_model_before_any_step(tmp_path, data_root):
+    """train.eval_at_start logs an eval at step 0 (the 'before' of an adaptation run): the untrained model's."""
+    run_script("pretrain.py", *SMOKE, "train.steps=2", "train.eval_every=null", "train.eval_at_start=true",
+               f"hydra.run.dir={tmp_path}", data_root=data_root)
+    evals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "eval/count" in r]
+    assert [r["step"] for r in evals] == [0, 2]  # before training, and the final eval
+    assert evals[0]["eval/count"] == evals[1]["eval/count"] > 0

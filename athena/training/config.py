@@ -52,6 +52,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(ge=0)
     log_every: int = Field(gt=0)
     eval_every: int | None = Field(default=None, gt=0)
+    eval_at_start: bool = False  # also evaluate before the first step: the "before" of an adaptation run
     eval_examples: int | None = Field(default=None, gt=0)
     eval_batch_size: int = Field(gt=0)
     checkpoint_every: int | None = Field(default=None, gt=0)

@@ -338,6 +338,8 @@ class PretrainRecipe:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", dynamic_ncols=True, mininterval=2.0,
                    disable=not self.is_main)
         batches = iter(self.train_loader)
+        if t.eval_at_start and self.step == 0:
+            self._periodic_eval(bar)
         with self._signals_saved():
             try:
                 while self.step < self.total_steps:
