@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from athena.data.format import PuzzleDataset
 from athena.data.synthetic import build_synthetic
-from bench.throughput import flops_per_sample_step
+from athena.eval.flops import flops_per_sample_step
 from conftest import ROOT, run_script
 from tests.test_model_trm import SEQ, VOCAB, make_batch, small_model
 
