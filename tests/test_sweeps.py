@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -125,3 +126,27 @@ def test_a_run_frees_the_runs_before_it_in_the_process(tmp_path, data_root, monk
         second.close()
     finally:
         gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_each_run_in_a_process_logs_its_own_peak_memory(tmp_path, data_root, monkeypatch):
+    """torch's peak-memory count runs since the process started: without a restart per run, a multirun's smaller job
+    would log the peak of a larger one before it."""
+    from athena.training.recipe import PretrainRecipe
+
+    monkeypatch.setenv("ATHENA_DATA_DIR", str(data_root))
+
+    def peak_gb(folder: Path, batch: int) -> float:
+        cfg = validate_config(compose_config(["experiment=smoke", "device=cuda", f"train.global_batch_size={batch}",
+                                              "train.steps=2", "train.log_every=1", "train.eval_every=null",
+                                              "train.checkpoint_every=null", "arch.hidden_size=256"]))
+        recipe = PretrainRecipe(cfg, folder)
+        recipe.setup()
+        recipe.train()
+        recipe.close()
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return max(r["train/peak_mem_gb"] for r in rows if "train/peak_mem_gb" in r)
+
+    large = peak_gb(tmp_path / "large", 1024)
+    small = peak_gb(tmp_path / "small", 8)
+    assert small < large / 4, (small, large)
