@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> float:
         reason = str(error).strip().splitlines()[0]
         _fail(reason if isinstance(error, AthenaError) else f"invalid config: {reason}", run_dir)
 
-    from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
+    from athena.training.recipe import PretrainRecipe, TrainingStopped  # after validation: `--help`, bad configs fast
 
     try:
         recipe = PretrainRecipe(run_cfg, run_dir)
@@ -50,6 +50,8 @@ def main(cfg: DictConfig) -> float:
             report = recipe.finish()
         finally:
             recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
+    except TrainingStopped as error:  # a signal stops the program, every job of a multirun with it
+        exit_with_error(str(error))
     except AthenaError as error:
         _fail(str(error), run_dir)
     if recipe.is_main:  # under torchrun only rank 0 reports

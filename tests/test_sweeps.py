@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import subprocess
 import sys
+import time
 import weakref
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from athena.config import compose_config, validate_config
-from conftest import CONF, ROOT, last_line_error, run_script
+from conftest import CONF, ROOT, last_line_error, run_script, script_env
 
 SWEEPS = ROOT / "sweeps"
 TOY = ["--config-dir", "sweeps", "--config-name", "adaptation_trm_toy"]
@@ -83,6 +85,25 @@ def test_a_failed_job_leaves_the_other_jobs_running(toy_base, tmp_path, data_roo
     assert {p.name for p in (sweep / "job0").iterdir()} == {"pretrain.log", ".athena.lock"}  # no metrics, no checkpoint
     assert "error: checkpoint not found" in (sweep / "job0" / "pretrain.log").read_text()
     assert json.loads((sweep / "job1" / "eval" / "final.json").read_text())["step"] == 4
+
+
+def test_a_signal_stops_the_whole_sweep(toy_base, tmp_path, data_root):
+    """SIGTERM (Ctrl-C alike) saves the running job's checkpoint and ends the program: no later job starts."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "-m", *TOY, f"init_from={toy_base}", ARCH,
+                             "adaptation=full,hybrid", "train.steps=100000", f"hydra.sweep.dir={sweep}"], cwd=ROOT,
+                            env=script_env(data_root, full_errors=False), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (sweep / "full" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and stderr.strip().splitlines()[-1].startswith("error: stopped by a signal at step")
+    assert (sweep / "full" / "checkpoints" / "last.pt").is_file() and not (sweep / "hybrid").exists()
 
 
 def test_every_method_of_the_study_composes_and_validates():
