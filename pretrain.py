@@ -13,14 +13,16 @@ train -> evaluate the full test split -> save.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from athena.cli import exit_with_error, one_line_errors
+from athena.cli import JobFailed, exit_with_error, one_line_errors
 from athena.config import validate_config
 from athena.errors import AthenaError
 
@@ -36,9 +38,9 @@ def main(cfg: DictConfig) -> float:
     except (AthenaError, OmegaConfBaseException) as error:
         _remove_if_empty(run_dir)  # Hydra made the folder for this run; a refused run leaves nothing behind
         reason = str(error).strip().splitlines()[0]
-        exit_with_error(reason if isinstance(error, AthenaError) else f"invalid config: {reason}")
+        _fail(reason if isinstance(error, AthenaError) else f"invalid config: {reason}", run_dir)
 
-    from athena.training.recipe import PretrainRecipe  # after validation: keeps `--help` and bad configs fast
+    from athena.training.recipe import PretrainRecipe, TrainingStopped  # after validation: `--help`, bad configs fast
 
     recipe = PretrainRecipe(run_cfg, run_dir)
     try:
@@ -48,14 +50,25 @@ def main(cfg: DictConfig) -> float:
             report = recipe.finish()
         finally:
             recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
+    except TrainingStopped as error:  # a signal stops the program, every job of a multirun with it
+        exit_with_error(str(error))
     except AthenaError as error:
         if recipe.lock is not None:  # the folder is this run's: its log keeps why it stopped (not a busy folder's)
-            log.error("%s", error)
-        exit_with_error(str(error))
+            log.error("error: %s", error)
+        _fail(str(error), run_dir)
     if recipe.is_main:  # under torchrun only rank 0 reports
         print(f"\n[athena] {run_cfg.data.name} test set ({report.scope()}, EMA weights): {report.headline()}.\n"
               f"[athena] run folder: {recipe.run_dir}")
     return report.score
+
+
+def _fail(message: str, run_dir: Path) -> None:
+    """One line and exit 1. In a multirun (`-m`) only this job fails: Hydra runs the jobs after it, then the sweep
+    ends with the first failed job's line (athena.cli.one_line_errors)."""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        print(f"error: {message}", file=sys.stderr)
+        raise JobFailed(f"{message} (job {run_dir})")
+    exit_with_error(message)
 
 
 def _remove_if_empty(folder: Path) -> None:

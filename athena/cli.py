@@ -20,14 +20,21 @@ from typing import Any, Callable
 from hydra._internal import utils as hydra_internal
 from hydra.errors import ConfigCompositionException, OverrideParseException
 
+from athena.errors import AthenaError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+class JobFailed(AthenaError):
+    """One job of a multirun failed (its line is in its log); Hydra runs the other jobs, then re-raises the first."""
 
 
 def one_line_errors(config_name: str) -> None:
     """Make Hydra's start-up (composing `config_name` with the command-line overrides) fail in one line.
 
     Hydra 1.3 runs composition through hydra._internal.utils.run_and_report, looked up at call time, so wrapping
-    that one function covers `python pretrain.py ...`, `--cfg job` and `-m`. Pinned hydra-core 1.3.8."""
+    that one function covers `python pretrain.py ...`, `--cfg job` and `-m`; a multirun whose job failed ends in that
+    job's line too. Pinned hydra-core 1.3.8."""
     original = hydra_internal.run_and_report
     if getattr(original, "athena_one_line", False):
         return
@@ -38,6 +45,8 @@ def one_line_errors(config_name: str) -> None:
                 return func()
             except (ConfigCompositionException, OverrideParseException) as error:
                 exit_with_error(describe_hydra_error(error, config_name))
+            except JobFailed as error:  # a multirun's first failed job, re-raised once every job has run
+                exit_with_error(str(error))
 
         return original(guarded)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from contextlib import nullcontext
 from functools import partial
 from typing import Callable
@@ -37,3 +38,13 @@ def autocast_for(device: torch.device, precision: str) -> tuple[str, Callable]:
     if precision == "bf16":
         return precision, partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     return precision, nullcontext
+
+
+def start_clean(device: torch.device) -> None:
+    """Before a run: free what earlier runs in this process left (a multirun trains its jobs one after another, and a
+    finished run lives on in reference cycles until a gc pass) and restart the peak-memory count, so the run's memory
+    and its logged peak are its own."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -40,7 +40,8 @@ if running; then echo "still running"; else
   echo "finished"
   # The trained model (EMA weights only, fp32) as the base of the adaptation study, in parts under the device
   # tool's 16 MB-per-file limit: `cat base_weights.pt.part* > w.pt`, then
-  # `BASE_WEIGHTS=w.pt bash bench/adaptation_trm.sh import` (docs/adaptation.md has the whole command).
+  # `python bench/summarise_adaptation.py wrap-weights w.pt ...` makes it the adaptation study's base (docs/adaptation.md,
+  # study 2, has the whole command).
   if [ -f "$RUN/run/checkpoints/last.pt" ] && [ ! -f "$OUT/base_weights.pt.partaa" ]; then
     python3 bench/summarise_adaptation.py export-weights "$RUN/run/checkpoints/last.pt" "$RUN/base_weights.pt" \
       && split -b 15M "$RUN/base_weights.pt" "$OUT/base_weights.pt.part"

@@ -1,23 +1,25 @@
-"""The TRM adaptation study (bench/adaptation_trm.sh): one JSON line per method, then a table and a plot.
+"""The TRM adaptation study (sweeps/adaptation_trm.yaml): a table and a plot from its multirun folder.
 
-    python bench/summarise_adaptation.py collect METHOD RUN_DIR >> $OUT/adaptation_trm.jsonl
-        a pretrain.py run folder -> {method, trainable_params, total_params, trainable_pct, test exact / token
-        accuracy, n, peak_mem_gb, step_ms, steps, lr, device}
-    python bench/summarise_adaptation.py collect-eval METHOD EVAL_JSON >> $OUT/adaptation_trm.jsonl
-        an evaluate.py result (the base model on the new task, no training) -> the same keys, 0 trainable
-    python bench/summarise_adaptation.py table $OUT/adaptation_trm.jsonl [--md FILE] [--png FILE]
-        markdown table (stdout and --md) and the test-accuracy vs trainable-parameters plot (--png)
+    python bench/summarise_adaptation.py summary SWEEP_DIR [SWEEP_DIR ...] [--zero-shot EVAL_JSON] [--out DIR]
+        every job folder under SWEEP_DIR (config.json, eval/final.json, metrics.jsonl, pretrain.log) -> one record
+        per method {method, trainable_params, total_params, trainable_pct, test exact / token accuracy, n,
+        peak_mem_gb, step_ms, steps, lr, adapter, device}; --zero-shot adds the reference row from an evaluate.py
+        result (the base on the new task, no training). Writes to --out (default: the first SWEEP_DIR)
+        adaptation_trm.jsonl (the records), adaptation_trm.md (the table, also printed), adaptation_trm.png (test
+        accuracy vs trainable parameters) and adaptation_runs/<method>.json + <method>.jsonl (each record and the
+        run's metrics), so `--out docs/results/adaptation/<name>` is a whole record.
     python bench/summarise_adaptation.py export-weights CHECKPOINT OUT.pt
         an Athena checkpoint -> its weights alone as a bare state dict (EMA where present): small enough to
-        carry to another machine
+        carry to another machine (init_from takes it as it is)
     python bench/summarise_adaptation.py wrap-weights WEIGHTS OUT.pt -- OVERRIDES...
         a bare state dict (e.g. the EMA weights exported by bench/gpu_time_to_accuracy.sh) -> an Athena
         checkpoint whose run config is composed from OVERRIDES (those of the run that trained the weights), so
         evaluate.py and init_from treat it like any checkpoint; the weights serve as raw and EMA weights
 
-step_ms is the median over the logged windows after the first (which holds start-up and compilation) of
-1000 x global_batch_size / samples_per_s, i.e. one whole optimizer step; peak_mem_gb is the CUDA peak
-(max_memory_allocated), null on a CPU.
+A job's method is its adapter (full fine-tuning: adapter none). step_ms is the median over the logged windows after
+the first (which holds start-up and compilation) of 1000 x global_batch_size / samples_per_s, i.e. one whole
+optimizer step; peak_mem_gb is the CUDA peak (max_memory_allocated), null on a CPU. A job folder without
+eval/final.json (a failed or unfinished run) is named on stderr and left out.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -32,10 +35,24 @@ from pathlib import Path
 NAMES = {"base_zero_shot": "base, no adaptation", "full": "full fine-tuning", "lora": "LoRA", "ia3": "IA3",
          "moe": "MoE (4 experts, top-2)", "poly": "PolyAdapter (LoRA+IA3+MoE)",
          "hybrid": "hybrid (LoRA attn + bottleneck FFN)"}
+ORDER = list(NAMES)  # the table's rows
 
 
-def collect_run(method: str, run_dir: Path) -> dict:
+def method_of(config: dict) -> str:
+    return "full" if config["adapter"]["name"] == "none" else config["adapter"]["name"]
+
+
+def job_folders(sweep_dirs: list[Path]) -> list[Path]:
+    """The run folders of one or more multiruns: every folder under them holding a config.json."""
+    folders = sorted({p.parent for d in sweep_dirs for p in d.rglob("config.json")})
+    if not folders:
+        sys.exit(f"error: no run folder (one with config.json) under {' '.join(map(str, sweep_dirs))}")
+    return folders
+
+
+def collect_run(run_dir: Path) -> dict:
     config = json.loads((run_dir / "config.json").read_text())
+    method = method_of(config)
     final = json.loads((run_dir / "eval" / "final.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     batch = config["train"]["global_batch_size"]
@@ -140,19 +157,41 @@ def plot(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def summarise(sweep_dirs: list[Path], zero_shot: Path | None, out: Path) -> list[dict]:
+    records = [collect_eval("base_zero_shot", zero_shot)] if zero_shot else []
+    metrics = {}
+    for folder in job_folders(sweep_dirs):
+        if not (folder / "eval" / "final.json").is_file():
+            print(f"warning: {folder} has no eval/final.json (failed or unfinished, see its pretrain.log): left out",
+                  file=sys.stderr)
+            continue
+        record = collect_run(folder)
+        if any(r["method"] == record["method"] for r in records):
+            sys.exit(f"error: two runs of method {record['method']} (the second in {folder}); summarise one study")
+        records.append(record)
+        metrics[record["method"]] = folder / "metrics.jsonl"
+    if not records:
+        sys.exit(f"error: no finished run under {' '.join(map(str, sweep_dirs))}")
+    records.sort(key=lambda r: ORDER.index(r["method"]) if r["method"] in ORDER else len(ORDER))
+    runs = out / "adaptation_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        (runs / f"{r['method']}.json").write_text(json.dumps(r) + "\n")
+        if r["method"] in metrics:
+            shutil.copyfile(metrics[r["method"]], runs / f"{r['method']}.jsonl")
+    (out / "adaptation_trm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "adaptation_trm.md").write_text(table(records) + "\n")
+    plot(records, out / "adaptation_trm.png")
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("collect")
-    c.add_argument("method")
-    c.add_argument("run_dir", type=Path)
-    e = sub.add_parser("collect-eval")
-    e.add_argument("method")
-    e.add_argument("eval_json", type=Path)
-    t = sub.add_parser("table")
-    t.add_argument("jsonl", type=Path)
-    t.add_argument("--md", type=Path)
-    t.add_argument("--png", type=Path)
+    s = sub.add_parser("summary")
+    s.add_argument("sweep_dirs", type=Path, nargs="+")
+    s.add_argument("--zero-shot", type=Path, help="evaluate.py's result for the base on the new task")
+    s.add_argument("--out", type=Path, help="where the summary goes (default: the first sweep folder)")
     x = sub.add_parser("export-weights")
     x.add_argument("checkpoint", type=Path)
     x.add_argument("out", type=Path)
@@ -165,20 +204,9 @@ def main() -> None:
         export_weights(args.checkpoint, args.out)
     elif args.command == "wrap-weights":
         wrap_weights(args.weights, args.out, args.overrides)
-    elif args.command == "collect":
-        print(json.dumps(collect_run(args.method, args.run_dir)))
-    elif args.command == "collect-eval":
-        print(json.dumps(collect_eval(args.method, args.eval_json)))
     else:
-        records = [json.loads(line) for line in args.jsonl.read_text().splitlines() if line.strip()]
-        if not records:
-            sys.exit(f"error: {args.jsonl} holds no records")
-        text = table(records)
-        print(text)
-        if args.md:
-            args.md.write_text(text + "\n")
-        if args.png:
-            plot(records, args.png)
+        records = summarise(args.sweep_dirs, args.zero_shot, args.out or args.sweep_dirs[0])
+        print(table(records))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ their own model, loss head and optimisers with batches already on the GPU (bench
 less work than ours. Warm-up steps (compilation included) are excluded; the timed steps end with a device sync.
 
 MFU = model FLOPs per second / the GPU's dense bf16 peak. Model FLOPs (matmuls only, 2 per multiply-add) per
-sample and supervision step are counted from the config, see `flops_per_sample_step`.
+sample and supervision step are counted from the config, see `athena.eval.flops.flops_per_sample_step`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from athena.eval.flops import flops_per_sample_step  # noqa: E402 - after the path line: bench/ runs as a script
+
 # recipe -> (Athena arch config, data shape, batch); sizes of the TRM paper.
 RECIPES = {
     "sudoku_att": dict(arch="athena_trm", seq_len=81, vocab_size=11, batch=768),
@@ -38,36 +40,6 @@ RECIPES = {
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16 = {"H100 80GB HBM3": 989.4e12, "H100 PCIe": 756.5e12, "H100": 989.4e12, "H200": 989.4e12,
              "A100": 312e12, "L40S": 362e12}
-
-
-def swiglu_width(width: int, expansion: float) -> int:
-    from athena.models.trm.layers import swiglu_intermediate_size
-    return swiglu_intermediate_size(width, expansion)
-
-
-def flops_per_sample_step(arch: dict, seq_len: int, vocab_size: int) -> float:
-    """Matmul FLOPs of one supervision step for one sample, forward + backward.
-
-    One application of the 2-layer net on all L = puzzle_emb_len + seq_len positions costs, per layer:
-      attention mixer: 2*L*(D*3D + D*D)  (qkv, out)  +  2*2*L*L*D  (scores and weighted sum)
-      MLP mixer:       2*D*(L*2I_L + I_L*L)          (SwiGLU over the sequence axis, I_L = its hidden width)
-      then SwiGLU:     2*L*(D*2I + I*D)
-    Per supervision step the net runs H_cycles*(L_cycles+1) times forward; only the last H cycle (L_cycles+1
-    applications) is differentiated, and its backward costs 2x its forward. The output head adds
-    2*seq_len*D*V forward (x3 with backward). Elementwise work (norms, RoPE, activations) is not counted.
-    """
-    D, L = arch["hidden_size"], arch["puzzle_emb_len"] + seq_len
-    inter = swiglu_width(D, arch["expansion"])
-    if arch["mixer"] == "attention":
-        mixer = 2 * L * (D * 3 * D + D * D) + 4 * L * L * D
-    else:
-        inter_seq = swiglu_width(L, arch["expansion"])
-        mixer = 2 * D * (L * 2 * inter_seq + inter_seq * L)
-    ffn = 2 * L * (D * 2 * inter + inter * D)
-    net = arch["num_layers"] * (mixer + ffn)
-    applications = arch["H_cycles"] * (arch["L_cycles"] + 1) + 2 * (arch["L_cycles"] + 1)
-    head = 3 * 2 * seq_len * D * vocab_size
-    return float(net * applications + head)
 
 
 def peak_flops() -> float | None:

@@ -17,9 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from athena.data.format import PuzzleDataset
 from athena.data.synthetic import build_synthetic
-from bench.throughput import flops_per_sample_step
-from helpers import ROOT, run_script
-from helpers import SEQ, VOCAB, make_batch, small_model
+from athena.eval.flops import flops_per_sample_step
+from helpers import ROOT, SEQ, VOCAB, make_batch, run_script, small_model
 
 
 @pytest.mark.parametrize("mixer", ["attention", "mlp"])
@@ -124,32 +123,6 @@ def test_wrapped_weights_evaluate_like_the_checkpoint_they_came_from(tmp_path, d
         result = json.loads((tmp_path / f"{name}.json").read_text())
         scores.append((result["exact_accuracy"], result["token_accuracy"], result["count"]))
     assert scores[0] == scores[1] and scores[0][1] > 0
-
-
-@pytest.mark.slow
-def test_adaptation_study_runs_end_to_end_at_toy_size_from_exported_weights(tmp_path, data_root):
-    """bench/adaptation_trm.sh at toy size on TRM-MLP: pretrain a base, import its exported weights as a new
-    base (the path the GPU study takes from the time-to-accuracy run), adapt it with hybrid (LoRA on the
-    token-mixing MLP, which TRM-MLP has instead of attention) and summarise."""
-    env = {**os.environ, "ATHENA_DATA_DIR": str(data_root), "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline",
-           "TOY": "1", "ARCH": "athena_trm_mlp", "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"),
-           "PYTHON": sys.executable}
-    imported = tmp_path / "imported" / "last.pt"
-
-    def study(*args: str, **extra: str) -> None:
-        proc = subprocess.run(["bash", "bench/adaptation_trm.sh", *args], cwd=ROOT, env={**env, **extra},
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-
-    study("pretrain")
-    study("import", BASE_WEIGHTS=str(tmp_path / "out/adaptation_base_weights.pt"), BASE=str(imported))
-    study("adapt", "hybrid", BASE=str(imported))
-    records = [json.loads(line) for line in (tmp_path / "out/adaptation_trm.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in records] == ["base_zero_shot", "hybrid"], records
-    hybrid = records[1]
-    assert 0 < hybrid["trainable_params"] < hybrid["total_params"] and hybrid["init_from"] == str(imported)
-    assert hybrid["adapter"]["name"] == "hybrid" and (tmp_path / "out/adaptation_trm.png").is_file()
-    assert (tmp_path / "runs" / "adapt_hybrid" / "metrics.jsonl").is_file()  # runs go to RUNS, not the repo
 
 
 def run_adapters_bench(tmp_path, *args: str) -> list[dict]:

@@ -36,7 +36,7 @@ from athena.config import RunConfig, build_component
 from athena.data.build import ensure_dataset
 from athena.data.format import PuzzleDataset
 from athena.data.sampler import PuzzleBatchSampler
-from athena.device import autocast_for
+from athena.device import autocast_for, start_clean
 from athena.errors import AthenaError
 from athena.eval.evaluators import EvalContext
 from athena.eval.plots import plot_training_curve
@@ -74,6 +74,7 @@ class PretrainRecipe:
         self._lock_run_folder()
         self.dist, self.device = distributed.init(self.cfg.device)
         self.is_main = self.dist.is_main
+        start_clean(self.device)  # a multirun's earlier jobs ran in this process
         self.guard = DivergenceGuard(self.checkpoint_dir, self.is_main, self.device)
         if self.dist.enabled:
             self._check_divisible()
