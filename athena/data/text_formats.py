@@ -179,10 +179,13 @@ def rdb_objects(path: Path) -> Iterator[object]:
         raw = stream.decompress(data[pos + 4:])
         if len(raw) != size or not stream.eof:
             raise DatasetError(f"{path}: object at byte {pos} unpacks to {len(raw)} bytes, its header says {size}")
-        pos = len(data) - len(stream.unused_data)
         reader = _XDRReader(raw, f"{path} (object at byte {pos})")
+        pos = len(data) - len(stream.unused_data)
         reader.header()
-        yield reader.item()
+        value = reader.item()
+        if reader.pos != len(raw):  # a misread type or attribute would leave bytes over
+            raise DatasetError(f"{reader.where}: {len(raw) - reader.pos} bytes left after the object")
+        yield value
 
 
 # ----------------------------------------------------------------------------------------------------- dictd

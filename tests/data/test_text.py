@@ -18,11 +18,11 @@ import yaml
 
 from athena.data.build import dataset_dir, ensure_dataset
 from athena.data.format import DatasetError, PuzzleDataset
-from athena.data.text import build_text, source_units, split_units
+from athena.data.text import TASK_OPTIONS, build_text, source_units, split_units
 from athena.data.text_fetch import Package, SourceFetchError, fetch_package
 from athena.data.text_formats import pod_paragraphs, rdb_objects, rst_paragraphs
 from athena.data.text_sources import SOURCES, extract_gcide
-from athena.data.text_tasks import SPLITS
+from athena.data.text_tasks import SPLITS, TASKS, Unit, make_task
 
 TINY = {"_target_": "athena.data.text.build_text", "sources": {"python_stdlib": {"max_mb": 0.12, "validation": 0.05,
         "test": 0.08}}, "tokenizer": "bpe:400", "seq_len": 32, "task_train_items": 300, "task_eval_items": 40}
@@ -196,6 +196,72 @@ def test_rst_and_pod_markup_to_paragraphs():
            "\nsub code_after_cut {}\n")
     assert pod_paragraphs(pod) == ["NAME", "perlop - operators", "Use $a <=> $b and bold perlsyn Loops, or text > "
                                    "here.", "my $x = 1;"]
+
+
+# ----------------------------------------------------------------------------------------------------- tasks
+
+def _task_options(units_by_source: dict, names: list[str]) -> dict:
+    return TASK_OPTIONS | {"fortune_topics": ["art", "love"], "source_names": names, "all_units": units_by_source,
+                           "source_titles": {n: SOURCES[n].title for n in names},
+                           "cloze_sources": [n for n in names if SOURCES[n].prose]}
+
+
+def _synset(number: int, words: list[str], pos: str, lexname: str, definition: str) -> Unit:
+    return Unit("wordnet", number, 0, [f"{', '.join(words)} ({pos}): {definition}"],
+                {"words": words, "pos": pos, "lexname": lexname, "definition": definition})
+
+
+def test_wordnet_tasks_have_one_right_answer_and_fair_distractors():
+    nouns = [_synset(i, [f"noun{i}", f"alias{i}"], "noun", "noun.animal" if i % 2 else "noun.artifact",
+                     f"a thing of kind {i} with legs") for i in range(40)]
+    verbs = [_synset(100 + i, [f"verb{i}"], "verb", "verb.motion", f"to go in manner {i} quickly") for i in range(40)]
+    proper = [_synset(200 + i, [f"Place{i}"], "noun", "noun.location", f"a town number {i} in the hills")
+              for i in range(10)]
+    odd = [_synset(300, ["dog"], "noun", "noun.animal", "a dog that barks at night"),  # names its word
+           _synset(301, ["cur"], "noun", "noun.animal", "a thing of kind 7 with legs")]  # same gloss as noun7
+    every = nouns + verbs + proper + odd
+    test = every[::3]
+    by_split = {"train": {"wordnet": [u for u in every if u not in test]}, "validation": {"wordnet": []},
+                "test": {"wordnet": test}}
+    options = _task_options({"wordnet": every}, ["wordnet"])
+    items = make_task(TASKS["wordnet_gloss"], by_split, options, seed=0, train_items=None, eval_items=None)
+    held_out = {u.meta["words"][0]: u for u in test}
+    answers = [item.answer for item in items["test"]]
+    assert set(answers) == set(held_out) - {"dog", "noun7", "cur"}, "items from test units, ambiguous ones dropped"
+    for item in items["test"]:
+        unit = held_out[item.answer]
+        assert item.prompt == f"Definition: {unit.meta['definition']}\nWord:"
+        assert len(set(item.choices)) == 4 and item.choices[item.label] == item.answer
+        kind = {u.meta["words"][0]: (u.meta["pos"], u.meta["words"][0][0].isupper()) for u in every}
+        assert {kind[c] for c in item.choices} == {kind[item.answer]}, "distractors of the same POS and case"
+        assert not set(item.choices) & (set(unit.meta["words"][1:])), "no synonym among the distractors"
+    assert len({item.label for item in items["train"]}) == 4
+    categories = make_task(TASKS["wordnet_category"], by_split, options, seed=0, train_items=None, eval_items=None)
+    for item in categories["test"]:
+        unit = next(u for u in test if item.prompt.startswith(f"Word: {u.meta['words'][0]}\n"))
+        assert item.answer == unit.meta["lexname"].split(".")[1] == item.choices[item.label]
+        assert len(item.choices) == (25 if unit.meta["pos"] == "noun" else 15) and "Tops" not in item.choices
+
+
+def test_cloze_takes_last_words_named_earlier_and_source_id_balances_sources():
+    story = " ".join(f"word{i}" for i in range(60))
+    paragraphs = [f"The lantern was lit. {story}", f"He looked at the lantern again and said, at last, lantern.",
+                  f"{story} and then nothing else happened here at all."]
+    units = {"janeausten": [Unit("janeausten", 0, 0, paragraphs)],
+             "fortunes": [Unit("fortunes", i, 0, [f"fortune {i}"], {"topic": "art"}) for i in range(30)]}
+    by_split = {"train": units, "validation": units, "test": units}
+    options = _task_options(units, ["fortunes", "janeausten"])
+    cloze = make_task(TASKS["text_cloze"], by_split, options, seed=0, train_items=None, eval_items=None)
+    # Only the second paragraph qualifies: the first ends in no word, the third's last word is not named before.
+    assert [(item.prompt, item.answer) for item in cloze["test"]] == [
+        (paragraphs[0] + "\n\nHe looked at the lantern again and said, at last,", "lantern")]
+    source_id = make_task(TASKS["source_id"], by_split, options, seed=0, train_items=None, eval_items=10)
+    counts = {name: sum(item.info["source"] == name for item in source_id["test"]) for name in ("fortunes",
+                                                                                                  "janeausten")}
+    assert counts == {"fortunes": 5, "janeausten": 1}, "a capped split shares its items between sources"
+    for item in source_id["test"]:
+        assert item.choices == [SOURCES["fortunes"].title, SOURCES["janeausten"].title]
+        assert item.answer == SOURCES[item.info["source"]].title == item.choices[item.label]
 
 
 # ----------------------------------------------------------------------------------------------------- the build
