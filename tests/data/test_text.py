@@ -22,7 +22,7 @@ from athena.data.text import TASK_OPTIONS, build_text, source_units, split_units
 from athena.data.text_fetch import Package, SourceFetchError, fetch_package
 from athena.data.text_formats import pod_paragraphs, rdb_objects, rst_paragraphs
 from athena.data.text_sources import SOURCES, extract_gcide
-from athena.data.text_tasks import SPLITS, TASKS, Unit, make_task
+from athena.data.text_tasks import SPLITS, TASKS, Unit, make_task, refresh_task_configs
 
 TINY = {"_target_": "athena.data.text.build_text", "sources": {"python_stdlib": {"max_mb": 0.12, "validation": 0.05,
         "test": 0.08}}, "tokenizer": "bpe:400", "seq_len": 32, "task_train_items": 300, "task_eval_items": 40}
@@ -426,6 +426,20 @@ def test_task_configs_point_where_the_build_lands(tmp_path):
     out = ensure_dataset(tmp_path / "landed", spec)
     config = yaml.safe_load((out / "tasks/heldout_text.yaml").read_text())
     assert config["dataset_kwargs"]["data_files"]["test"] == str((out / "tasks/heldout_text.jsonl").resolve())
+
+
+def test_moved_dataset_gets_its_task_paths_back(tiny, tmp_path):
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tiny, moved)
+    before = yaml.safe_load((moved / "tasks/docstring_name.yaml").read_text())
+    assert before["dataset_kwargs"]["data_files"]["test"].startswith(str(tiny))
+    assert refresh_task_configs(moved) == moved.resolve() / "tasks"
+    after = yaml.safe_load((moved / "tasks/docstring_name.yaml").read_text())
+    assert after["dataset_kwargs"]["data_files"] == {
+        split: str(moved.resolve() / "tasks" / Path(file).name)
+        for split, file in before["dataset_kwargs"]["data_files"].items()}
+    assert {k: v for k, v in after.items() if k != "dataset_kwargs"} == \
+        {k: v for k, v in before.items() if k != "dataset_kwargs"}
 
 
 def test_bad_specs_stop_with_one_line(tmp_path):
