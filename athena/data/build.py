@@ -16,6 +16,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ ALIASES = {
     "maze": "athena.data.maze.build_maze",
     "arc": "athena.data.arc.build_arc",
     "synthetic": "athena.data.synthetic.build_synthetic",
+    "text": "athena.data.text.build_text",
 }
 SPLITS = ("train", "test")  # the splits every builder writes and the recipes open
 
@@ -129,6 +131,18 @@ def dataset_dir(name: str, build: dict, data_root: str | Path, directory: str | 
     return Path(data_root) / f"{name}-{digest}"
 
 
+BUILDING = ".building-"  # ensure_dataset builds <parent>/<name> in <parent>/.<name>.building-XXXX, then renames it
+
+
+def final_dir(path: str | Path) -> Path:
+    """The absolute folder that the folder a builder is writing will become: <parent>/<name> for ensure_dataset's
+    temp folder <parent>/.<name>.building-XXXX, the folder itself otherwise (a builder called directly). For builders
+    that write absolute paths into their output (text task configs)."""
+    path = Path(path).resolve()
+    match = re.fullmatch(rf"\.(.+){re.escape(BUILDING)}[^/]*", path.name)
+    return path.parent / match.group(1) if match else path
+
+
 def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
     """Return `out_dir`, building it first unless out_dir/build.json equals `build` and its splits are whole.
 
@@ -145,7 +159,7 @@ def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
         # Builds run under this lock, so temp folders left here belong to a build that was killed.
-        for leftover in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+        for leftover in out_dir.parent.glob(f".{out_dir.name}{BUILDING}*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in out_dir.parent.glob(f".{out_dir.name}.stale-*"):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -163,7 +177,7 @@ def ensure_dataset(out_dir: str | Path, build: dict) -> Path:
         builder = resolve_target(spec["_target_"])
         kwargs = {k: v for k, v in spec.items() if k != "_target_"}
         print(f"building dataset at {out_dir}: {spec}")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{BUILDING}", dir=out_dir.parent))
         try:
             builder(tmp, **kwargs)
             damage = _first_damage(tmp)

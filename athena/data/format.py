@@ -94,8 +94,12 @@ def write_split(root: str | Path, split: str, arrays: dict[str, np.ndarray],
     assert inputs.ndim == 2 and inputs.shape == labels.shape, f"inputs {inputs.shape} vs labels {labels.shape}"
     assert inputs.shape[1] == meta.seq_len, f"seq_len {meta.seq_len} but inputs are {inputs.shape}"
     for name, tokens in (("inputs", inputs), ("labels", labels)):
+        if name == "labels" and meta.ignore_label_id is not None:  # e.g. -100 on an SFT prompt
+            tokens = tokens[tokens != meta.ignore_label_id]
         assert tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < meta.vocab_size), \
             f"{name} tokens outside [0, {meta.vocab_size})"
+    assert labels.size == 0 or labels.min() >= 0 or token_dtype(meta.vocab_size).kind == "i", \
+        f"negative labels need a vocabulary over 256 (int32 storage), got vocab_size {meta.vocab_size}"
     assert puzzle_identifiers.ndim == 1 and (num_puzzles == 0 or (
         puzzle_identifiers.min() >= 0 and puzzle_identifiers.max() < meta.num_puzzle_identifiers)), \
         "puzzle_identifiers outside [0, num_puzzle_identifiers)"
