@@ -57,7 +57,8 @@ def main(cfg: DictConfig) -> float:
             log.error("error: %s", error)
         _fail(str(error), run_dir)
     if recipe.is_main:  # under torchrun only rank 0 reports
-        print(f"\n[athena] {run_cfg.data.name} test set ({report.scope()}, EMA weights): {report.headline()}.\n"
+        weights = "EMA weights" if run_cfg.train.ema_decay else "trained weights"
+        print(f"\n[athena] {run_cfg.data.name} test set ({report.scope()}, {weights}): {report.headline()}.\n"
               f"[athena] run folder: {recipe.run_dir}")
     return report.score
 

@@ -346,3 +346,25 @@ def test_fsdp_with_compile_is_one_line_before_any_work():
         cfg = compose(config_name="config", overrides=["train.parallel=fsdp", "train.compile=true"])
     with pytest.raises(ConfigError, match="train.compile=true is not supported with train.parallel=fsdp yet"):
         validate_config(OmegaConf.to_container(cfg, resolve=True))
+
+
+# ----------------------------------------------------------------- language models (experiment=lm_smoke)
+LM = ("experiment=lm_smoke", "train.steps=10", "train.eval_every=null", "train.checkpoint_every=null")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_lm_under_two_processes_equals_one_process_with_the_same_micro_batches(parallel, tmp_path, data_root):
+    """A causal LM under torchrun: rank r takes rows [8r, 8r+8) of each global batch of 16, as micro-batch r does in
+    one process with 2 accumulation steps; the loss of both divides by the labelled tokens of the whole global
+    batch (one count all-reduce), so the updates agree bit for bit, replicated (ddp) or sharded over the decoder
+    layers (FSDP2)."""
+    run_script("pretrain.py", *LM, "train.grad_accum_steps=2", f"hydra.run.dir={tmp_path / 'one'}",
+               data_root=data_root)
+    torchrun(*LM, f"train.parallel={parallel}", f"hydra.run.dir={tmp_path / 'two'}", data_root=data_root)
+    one, two = load(tmp_path / "one"), load(tmp_path / "two")
+    assert one["model"].keys() == two["model"].keys()
+    for name, tensor in one["model"].items():
+        assert torch.equal(two["model"][name], tensor), name
+    if parallel == "fsdp":
+        assert "FSDP2: dense weights, gradients and optimizer state sharded over 2 processes" in \
+            (tmp_path / "two" / "pretrain.log").read_text()
