@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from athena.config import compose_config, validate_config
-from conftest import CONF, ROOT, last_line_error, run_script, script_env
+from helpers import CONF, ROOT, last_line_error, run_script, script_env
 
 SWEEPS = ROOT / "sweeps"
 TOY = ["--config-dir", "sweeps", "--config-name", "adaptation_trm_toy"]
