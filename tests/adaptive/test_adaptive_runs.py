@@ -125,3 +125,21 @@ def test_capacity_sweep_runs_through_hydra_multirun_and_resumes(tmp_path, data_r
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "FLOP ceil" in proc.stdout and len([ln for ln in proc.stdout.splitlines() if "0.55" in ln]) >= 1
+
+
+@pytest.mark.slow
+def test_speed_bench_toy_mode_writes_its_record_and_plot(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "adaptive_speed.py"), "--toy", "--out", str(tmp_path)],
+                          cwd=ROOT, env={**script_env(tmp_path), "MPLBACKEND": "Agg"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "adaptive_speed.json").read_text())
+    assert (tmp_path / "adaptive_speed.png").stat().st_size > 0
+    for model in record["models"]:
+        rows = model["rows"]
+        assert {(r["capacity"], r["exits"]) for r in rows} == {(c, e) for c in (0.9, 0.7, 0.55, 0.4)
+                                                                for e in (False, True)}
+        assert all(r["flop_ceiling"] > 1 and r["time_ceiling"] > 0 for r in rows)
+        assert all(r["mean_depth"] < 1 for r in rows if r["exits"])  # the calibrated profile did exit tokens
+        assert any("decode_speedup" in r for r in rows)
+    assert "perplexity_increase" in record["models"][0]["rows"][0]
