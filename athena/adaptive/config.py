@@ -45,7 +45,8 @@ class ExitConfig(BaseModel):
     @model_validator(mode="after")
     def _layers_positive(self) -> ExitConfig:
         if self.exit_layers is not None and any(layer < 1 for layer in self.exit_layers):
-            raise ValueError(f"exit_layers counts decoder layers from 1 (a gate after that layer), got {self.exit_layers}")
+            raise ValueError(f"exit_layers counts decoder layers from 1 (a gate after that layer), got "
+                             f"{self.exit_layers}")
         return self
 
     def wrapper_kwargs(self) -> dict:

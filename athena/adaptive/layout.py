@@ -2,7 +2,8 @@
 
 The loop (wrapper.py) runs the decoder layer by layer itself, so it needs the embedding, the rotary embedding, the
 decoder layers and, inside a layer, the two norms, the q/k/v/o projections and the MLP. Llama, Mistral and Qwen2
-name them alike; another layout (GPT-2's fused c_attn, learned positions, post-LN models) gets a row here."""
+name them alike (the loop attends causally over the whole sequence: Mistral's sliding window is not applied, so it
+matches Mistral up to its window length); another layout (GPT-2's fused c_attn, learned positions, post-LN models) gets a row here."""
 
 from __future__ import annotations
 
@@ -32,13 +33,6 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
         raise AdaptiveConfigError(
             f"HierarchicalAdaptiveWrapper runs Llama-layout decoders ({', '.join(LLAMA_LAYOUT_TYPES)}); this model is "
             f"{kind!r}: add its layout to athena/adaptive/layout.py")
-    if kind == "mistral" and getattr(config, "sliding_window", None):
-        # full causal attention is what the loop computes; equal to Mistral's only within its window
-        config_window = config.sliding_window
-    else:
-        config_window = None
     decoder = model.model
-    parts = DecoderParts(embed=decoder.embed_tokens, rotary=decoder.rotary_emb, layers=decoder.layers,
-                         norm=decoder.norm, lm_head=model.lm_head)
-    parts.sliding_window = config_window
-    return parts
+    return DecoderParts(embed=decoder.embed_tokens, rotary=decoder.rotary_emb, layers=decoder.layers,
+                        norm=decoder.norm, lm_head=model.lm_head)

@@ -134,7 +134,8 @@ class HierarchicalAdaptiveWrapper(nn.Module):
             first = error.errors()[0] if hasattr(error, "errors") else None
             where = ".".join(str(p) for p in first["loc"]) if first else ""
             message = first["msg"].removeprefix("Value error, ") if first else str(error)
-            raise AdaptiveConfigError(f"HierarchicalAdaptiveWrapper: {where + ': ' if where else ''}{message}") from None
+            prefix = f"{where}: " if where else ""
+            raise AdaptiveConfigError(f"HierarchicalAdaptiveWrapper: {prefix}{message}") from None
         if isinstance(base_model, HierarchicalAdaptiveWrapper):
             raise AdaptiveConfigError("HierarchicalAdaptiveWrapper: the model is already wrapped")
         self.base = base_model

@@ -126,7 +126,8 @@ class ExitCallback(Callback):
         for i, load in enumerate(stats.router_load):
             add[f"exit/router_load_{i}"] = add.get(f"exit/router_load_{i}", 0.0) + float(load)
         if stats.z_loss:
-            add["exit/router_z_loss"] = add.get("exit/router_z_loss", 0.0) + float(sum(stats.z_loss)) / len(stats.z_loss)
+            z_loss = float(sum(stats.z_loss)) / len(stats.z_loss)
+            add["exit/router_z_loss"] = add.get("exit/router_z_loss", 0.0) + z_loss
         self.forwards += 1
 
     def on_log(self, step, metrics):

@@ -25,7 +25,7 @@ def token_ids(batch: int = 3, length: int = SEQ, seed: int = 1) -> torch.Tensor:
 
 
 def with_exits(base, capacity=0.55, routing="topk", rates=0.25):
-    """A wrapper whose gates exit about `rates` of the tokens each (calibrated thresholds: untrained gates exit none)."""
+    """A wrapper whose gates exit about `rates` of the tokens each (calibrated: untrained gates exit none)."""
     model = HierarchicalAdaptiveWrapper(base, exit_layers=[1, 2, 3], capacity=capacity, routing=routing).eval()
     model.calibrate(token_ids(4, SEQ, seed=7), exit_rates=[rates] * 3)
     return model
