@@ -21,6 +21,7 @@ _EXPORTS = {  # public name -> the module that defines it
     "merge_and_unload": "athena.adapters.merge",
     "quantize_adapter_model": "athena.adapters.quantize",
     "TinyRecursiveModel": "athena.models.trm",
+    "HierarchicalAdaptiveWrapper": "athena.adaptive.wrapper",
 }
 __all__ = list(_EXPORTS)
 

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, create_model, model_validator
 
 from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
+from athena.adaptive.config import ExitConfig
 from athena.errors import AthenaError, ConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
@@ -36,7 +37,7 @@ ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.confi
 # The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
 # shows it and a command line overrides it without `+`) but its value is written once, in the schema.
 SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
-                   "hf": "athena.models.hf_config:HFCausalLMConfig"}
+                   "hf": "athena.models.hf_config:HFCausalLMConfig", "exit": "athena.adaptive.config:ExitConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -50,7 +51,7 @@ class ComponentNode(TargetNode):
 
 
 class NamedOnly(Strict):
-    """Groups that only have `none` so far (freezing, exit)."""
+    """Groups that only have `none` so far (freezing)."""
 
     name: Literal["none"]
 
@@ -124,7 +125,7 @@ class RunConfig(Strict):
     data: DataConfig
     optimizer: OptimizerConfig
     freezing: NamedOnly
-    exit: NamedOnly
+    exit: ExitConfig  # none, or hierarchical: exit gates + capacity routers (athena/adaptive/config.py)
     logger: LoggerConfig
     # Defaults for configs stored before these existed (TRM runs scored as puzzles).
     task: ComponentNode = ComponentNode(target="athena.training.tasks.TRMTask")  # a batch -> a loss

@@ -17,7 +17,7 @@ implementation to keep equal to it. What HFLM does to a model it is handed is un
 model.eval() (every module's mode is restored), model.tie_weights() (skipped: it re-ties by parameter name, which
 adapters or FSDP may have changed; the model is already as trained), and simple_evaluate reseeds Python's, numpy's
 and torch's global RNGs (their states are restored, so a periodic eval leaves training's random streams alone). A
-model HFLM cannot take (one without a Hugging Face config, e.g. a future exit-gate wrapper) plugs in by overriding
+model HFLM cannot take (one without a Hugging Face config; the exit-gate wrapper has one) plugs in by overriding
 `LMEvalEvaluator.language_model` with an HFLM subclass or its own LM.
 
 Under torchrun every process runs the whole evaluation (the forwards of an FSDP model need every rank; lm-eval's own
@@ -116,7 +116,7 @@ class LMEvalEvaluator(Evaluator):
         import lm_eval
         from transformers import PreTrainedModel
 
-        if type(self).language_model is LMEvalEvaluator.language_model and not isinstance(ctx.model, PreTrainedModel):
+        if type(self).language_model is LMEvalEvaluator.language_model and not hf_like(ctx.model, PreTrainedModel):
             raise LMEvalError(f"lm_eval scores Hugging Face causal LMs (arch=hf_causal_lm or smollm2); this model is a "
                               f"{type(ctx.model).__name__}")
         tokenizer = data_tokenizer(ctx.data_dir)
@@ -185,6 +185,15 @@ class LMEvalEvaluator(Evaluator):
         per_sample = {task: [sample_record(s) for s in items] for task, items in output.get("samples", {}).items()}
         return LMEvalReport(results=results, higher_is_better=higher, samples=samples, num_fewshot=self.num_fewshot,
                             first_task=self.tasks[0], per_sample=per_sample)
+
+
+def hf_like(model, pretrained_model_class) -> bool:
+    """A Hugging Face causal LM, or a wrapper that offers what HFLM reads of one (a Hugging Face `config`, `device`,
+    `tie_weights`, logits from `model(ids)`): athena.adaptive's HierarchicalAdaptiveWrapper."""
+    from transformers import PretrainedConfig
+
+    return isinstance(model, pretrained_model_class) or (
+        isinstance(getattr(model, "config", None), PretrainedConfig) and hasattr(model, "tie_weights"))
 
 
 def data_tokenizer(data_dir: Path):

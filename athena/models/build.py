@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from athena.adapters import AdapterConfig, AdapterConfigError, add_adapters
+from athena.adaptive.config import AdaptiveConfigError
 from athena.checkpoint import load_checkpoint, load_weights, model_weights
 from athena.config import RunConfig, build_component
 from athena.errors import ConfigError
@@ -125,4 +126,17 @@ def check_adapter_has_base(cfg: RunConfig, resuming: bool | None = None) -> None
         )
 
 
-BUILTIN_TRANSFORMS: tuple[ModelTransform, ...] = (apply_adapter,)
+def apply_exit(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """exit=hierarchical: the model inside a HierarchicalAdaptiveWrapper (exit gates + capacity routers; base frozen,
+    exit.phase picks what trains); none: unchanged."""
+    if cfg.exit.name == "none":
+        return model
+    from athena.adaptive.wrapper import HierarchicalAdaptiveWrapper
+
+    try:
+        return HierarchicalAdaptiveWrapper(model, **cfg.exit.wrapper_kwargs())
+    except AdaptiveConfigError as error:
+        raise ConfigError(f"exit={cfg.exit.name}: {error}") from None
+
+
+BUILTIN_TRANSFORMS: tuple[ModelTransform, ...] = (apply_adapter, apply_exit)
