@@ -18,6 +18,8 @@ from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
 from athena.errors import AthenaError, ConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
+from athena.training.freezing_config import FreezingConfig
+from athena.training.rehearsal_config import RehearsalConfig
 
 
 class ArchNode(TargetNode):
@@ -36,7 +38,9 @@ ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.confi
 # The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
 # shows it and a command line overrides it without `+`) but its value is written once, in the schema.
 SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
-                   "hf": "athena.models.hf_config:HFCausalLMConfig"}
+                   "hf": "athena.models.hf_config:HFCausalLMConfig",
+                   "freezing": "athena.training.freezing_config:FreezingKnobs",
+                   "rehearsal": "athena.training.rehearsal_config:RehearsalConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -50,7 +54,7 @@ class ComponentNode(TargetNode):
 
 
 class NamedOnly(Strict):
-    """Groups that only have `none` so far (freezing, exit)."""
+    """Groups that only have `none` so far (exit)."""
 
     name: Literal["none"]
 
@@ -123,9 +127,10 @@ class RunConfig(Strict):
     adapter: AdapterNode
     data: DataConfig
     optimizer: OptimizerConfig
-    freezing: NamedOnly
+    freezing: FreezingConfig  # progressive freezing's schema is the component's (athena.training.freezing_config)
     exit: NamedOnly
     logger: LoggerConfig
+    rehearsal: RehearsalConfig = RehearsalConfig(name="none")  # cross-task replay (athena.training.rehearsal)
     # Defaults for configs stored before these existed (TRM runs scored as puzzles).
     task: ComponentNode = ComponentNode(target="athena.training.tasks.TRMTask")  # a batch -> a loss
     evaluator: ComponentNode = ComponentNode(target="athena.eval.evaluators.PuzzleEvaluator")  # scores the test split
