@@ -21,6 +21,8 @@ _EXPORTS = {  # public name -> the module that defines it
     "merge_and_unload": "athena.adapters.merge",
     "quantize_adapter_model": "athena.adapters.quantize",
     "TinyRecursiveModel": "athena.models.trm",
+    "ProgressiveFreezingScheduler": "athena.training.freezing",
+    "RehearsalBuffer": "athena.memory.rehearsal",
 }
 __all__ = list(_EXPORTS)
 

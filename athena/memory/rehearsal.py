@@ -181,6 +181,7 @@ class RehearsalBuffer:
         return {"budget": self.budget, "policy": self.policy, "replay_ratio": self.replay_ratio,
                 "rows": {k: [row[k] for row in self._rows] for k in keys},
                 "task_of": torch.tensor(self._task_of, dtype=torch.long),
+                "slots": {str(t): torch.tensor(slots, dtype=torch.long) for t, slots in self._slots.items()},
                 "seen": {str(t): n for t, n in self._seen.items()}, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -192,9 +193,7 @@ class RehearsalBuffer:
         self._rows = [{k: state["rows"][k][i] for k in keys} for i in range(len(task_of))]
         self._task_of = task_of
         self._seen = {int(t): int(n) for t, n in state["seen"].items()}
-        self._slots = {t: [] for t in self._seen}
-        for slot, task in enumerate(task_of):
-            self._slots[task].append(slot)
+        self._slots = {int(t): slots.tolist() for t, slots in state["slots"].items()}  # in order: draws index them
         self.rng.bit_generator.state = state["rng"]
 
 

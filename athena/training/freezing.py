@@ -145,6 +145,7 @@ class ProgressiveFreezingScheduler:
         self.model = model
         self.set_trainable = set_trainable or _requires_grad
         self.layers = freezable_layers(model, self.knobs.include_embeddings)
+        self.trained_numel = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
         self.steps = 0  # optimizer steps seen
         self.loss_average: float | None = None
         self.loss_observed = 0
@@ -171,10 +172,9 @@ class ProgressiveFreezingScheduler:
         return [layer.name for layer in self.layers]
 
     def trainable_fraction(self) -> float:
-        """Share of the layers' parameters (elements) that train now."""
-        total = sum(p.numel() for layer in self.layers for p in layer.params)
+        """Share of the parameters (elements) that trained at the start and still train."""
         frozen = sum(p.numel() for layer in self.layers if layer.stats.frozen for p in layer.params)
-        return 1.0 - frozen / max(total, 1)
+        return 1.0 - frozen / max(self.trained_numel, 1)
 
     def is_check_step(self, step: int | None = None) -> bool:
         """Whether optimizer step `step` (default: the next one) is a check."""
@@ -394,8 +394,10 @@ class ProgressiveFreezingCallback(Callback):
     def on_setup(self, trainer) -> None:
         self.scheduler = ProgressiveFreezingScheduler(trainer.model, set_trainable=trainer.set_trainable,
                                                       **self.knobs.model_dump())
-        log.info("progressive freezing over %d layers, input side first: %s", len(self.scheduler.layers),
-                 ", ".join(self.scheduler.layer_names))
+        layers = self.scheduler.layers
+        tied = f" (the tied input embedding's input role freezes with {layers[0].name})" if layers[0].detach else ""
+        log.info("progressive freezing over %d layers, input side first: %s%s", len(layers),
+                 ", ".join(self.scheduler.layer_names), tied)
 
     def on_after_backward(self, trainer, step):
         if self.scheduler.is_check_step(step):
