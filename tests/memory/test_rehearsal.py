@@ -131,7 +131,8 @@ def test_the_buffer_round_trips_through_a_checkpoint_and_continues_exactly(tmp_p
 
 
 def test_bad_knobs_are_one_line():
-    with pytest.raises(RehearsalError, match=r"^RehearsalBuffer: replay_ratio: Input should be less than 1 \(got 1.5\)$"):
+    with pytest.raises(RehearsalError, match=r"^RehearsalBuffer: replay_ratio: Input should be less than 1 "
+                                             r"\(got 1.5\)$"):
         RehearsalBuffer(budget=10, replay_ratio=1.5)
     with pytest.raises(RehearsalError, match=r"^RehearsalBuffer: policy: Input should be 'reservoir' or "):
         RehearsalBuffer(budget=10, policy="fifo")
