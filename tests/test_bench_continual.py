@@ -58,3 +58,21 @@ def test_continual_bench_fills_the_accuracy_matrix_with_and_without_rehearsal(tm
         replayed = [r["rehearsal/replayed_fraction"] for r in rows if "rehearsal/replayed_fraction" in r]
         assert replayed == ([0.25] if stage["rehearsal"] else []), stage
     assert "**rehearsal**" in (tmp_path / "continual.md").read_text() and (tmp_path / "continual.png").is_file()
+
+
+def test_prefix_bench_freezes_what_it_says(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/freezing_prefix.py"), "--size", "tiny", "--steps", "1", "--rounds", "1",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ONE_THREAD_ENV, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "freezing_prefix.json").read_text())["records"]
+    assert [(r["frozen"], r["layers_frozen"]) for r in records] == [("none", 0), ("prefix", 2), ("suffix", 2),
+                                                                    ("prefix", 4), ("suffix", 4)]
+    # tiny: hidden 32, vocab 128, 4 decoder layers of 10,304 parameters (4 x 32 x 32 attention + 3 x 32 x 64 FFN +
+    # 2 norms of 32); the untied embedding is 4,096; prefix 2 = embedding + layer 0, suffix 2 = the last two layers.
+    total, layer, embedding = records[0]["total_params"], 10304, 128 * 32
+    assert records[0]["trainable_params"] == total
+    assert records[1]["trainable_params"] == total - embedding - layer
+    assert records[2]["trainable_params"] == total - 2 * layer
+    assert records[3]["trainable_params"] == total - embedding - 3 * layer
+    assert all(r["step_ms"] > 0 for r in records)
