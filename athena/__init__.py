@@ -22,6 +22,8 @@ _EXPORTS = {  # public name -> the module that defines it
     "quantize_adapter_model": "athena.adapters.quantize",
     "TinyRecursiveModel": "athena.models.trm",
     "HierarchicalAdaptiveWrapper": "athena.adaptive.wrapper",
+    "ProgressiveFreezingScheduler": "athena.training.freezing",
+    "RehearsalBuffer": "athena.memory.rehearsal",
 }
 __all__ = list(_EXPORTS)
 

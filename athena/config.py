@@ -19,6 +19,8 @@ from athena.adaptive.config import ExitConfig
 from athena.errors import AthenaError, ConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
+from athena.training.freezing_config import FreezingConfig
+from athena.training.rehearsal_config import RehearsalConfig
 
 
 class ArchNode(TargetNode):
@@ -37,7 +39,9 @@ ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.confi
 # The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
 # shows it and a command line overrides it without `+`) but its value is written once, in the schema.
 SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
-                   "hf": "athena.models.hf_config:HFCausalLMConfig", "exit": "athena.adaptive.config:ExitConfig"}
+                   "hf": "athena.models.hf_config:HFCausalLMConfig", "exit": "athena.adaptive.config:ExitConfig",
+                   "freezing": "athena.training.freezing_config:FreezingKnobs",
+                   "rehearsal": "athena.training.rehearsal_config:RehearsalConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -48,12 +52,6 @@ class ComponentNode(TargetNode):
 
     def kwargs(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
-
-
-class NamedOnly(Strict):
-    """Groups that only have `none` so far (freezing)."""
-
-    name: Literal["none"]
 
 
 class _AdapterNodeRules(Strict):
@@ -124,9 +122,10 @@ class RunConfig(Strict):
     adapter: AdapterNode
     data: DataConfig
     optimizer: OptimizerConfig
-    freezing: NamedOnly
+    freezing: FreezingConfig  # progressive freezing's schema is the component's (athena.training.freezing_config)
     exit: ExitConfig  # none, or hierarchical: exit gates + capacity routers (athena/adaptive/config.py)
     logger: LoggerConfig
+    rehearsal: RehearsalConfig = RehearsalConfig(name="none")  # cross-task replay (athena.training.rehearsal)
     # Defaults for configs stored before these existed (TRM runs scored as puzzles).
     task: ComponentNode = ComponentNode(target="athena.training.tasks.TRMTask")  # a batch -> a loss
     evaluator: ComponentNode = ComponentNode(target="athena.eval.evaluators.PuzzleEvaluator")  # scores the test split

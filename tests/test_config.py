@@ -14,7 +14,7 @@ from athena.config import ARCH_SCHEMAS, ConfigError, validate_config
 from helpers import CONF, composed, run_script
 
 GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", "freezing", "exit", "logger",
-          "experiment"]
+          "rehearsal", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -22,6 +22,8 @@ def options(group: str) -> list[str]:
 
 
 ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+# Options that need a value no default can give (rehearsal=buffer: which earlier tasks to replay).
+REQUIRED = {("rehearsal", "buffer"): ["rehearsal.from_data=[sudoku4]"]}
 
 
 def test_every_group_has_options():
@@ -31,7 +33,7 @@ def test_every_group_has_options():
 
 @pytest.mark.parametrize("group,option", ALL_OPTIONS, ids=[f"{g}={o}" for g, o in ALL_OPTIONS])
 def test_each_option_composes_and_validates(group, option):
-    config = composed(f"{group}={option}")
+    config = composed(f"{group}={option}", *REQUIRED.get((group, option), []))
     cfg = validate_config(config)
     # What is built from the validated nodes (model_dump(by_alias=True) -> instantiate) must hold every key and
     # value the YAML gave: validation may add defaults, never drop, rename or change what was written.

@@ -82,7 +82,7 @@ def key_config(run: Run) -> list[tuple[str, str]]:
     device = run.log_match(r"device (\S+ \(\w+\))")
     if device:
         rows.append(("device", device.group(1)))
-    for part in ("freezing", "exit"):
+    for part in ("freezing", "rehearsal", "exit"):
         node = cfg.get(part)
         if isinstance(node, dict) and node.get("name", "none") != "none":
             rows.append((part, f"{node['name']} ({kwargs_of(node, skip=('name',))})"))

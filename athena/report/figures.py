@@ -15,7 +15,8 @@ MAX_MARKED_POINTS = 40  # fewer points than this get markers: a 4-step smoke run
 
 def run_figure_groups(run: Run) -> list[tuple[str, str, list[str]]]:
     """(file stem, caption, metric keys) for each figure of a run that has at least one of its metrics. Every numeric
-    train/* and eval/* key lands in exactly one figure (train/epoch and eval sizes apart)."""
+    train/* and eval/* key lands in exactly one figure (train/epoch and eval sizes apart); freeze/* and rehearsal/*
+    keys have a figure each."""
     train = [k for k in run.scalar_keys if k.startswith("train/") and k != "train/epoch"]
     evals = [k for k in run.scalar_keys if k.startswith("eval/") and not is_count(k)]
     groups = [
@@ -27,6 +28,9 @@ def run_figure_groups(run: Run) -> list[tuple[str, str, list[str]]]:
     ]
     placed = {k for _, _, keys in groups for k in keys}
     groups.append(("train_metrics", "Other training metrics", [k for k in train if k not in placed]))
+    # Callbacks' own metric families (freezing=progressive: layers frozen over the run; rehearsal=buffer).
+    for family, caption in (("freeze/", "Progressive freezing"), ("rehearsal/", "Rehearsal")):
+        groups.append((family.rstrip("/"), caption, [k for k in run.scalar_keys if k.startswith(family)]))
     return [group for group in groups if group[2]]
 
 

@@ -3,6 +3,7 @@
 The loop calls, in this order:
 
     on_setup(trainer)                  after model, optimisers, EMA and task exist (before a resume loads state)
+    on_batch(trainer, step, batch)     before each step: this process's batch (CPU tensors) -> the batch to train on
     aux_losses(model, fraction)        per micro-batch after the task's forward: {name: loss}, added to the loss
     on_after_backward(trainer, step)   gradients summed over processes, before clipping and the optimizer step
     on_step_end(trainer, step)         after the optimizer step and the EMA update
@@ -17,55 +18,25 @@ is also logged as train/<name> (its value per step). A callback that changes whi
 trainer.set_trainable(params, flag): the optimisers skip parameters without gradients, gradient sync and the EMA
 follow requires_grad, and frozen parameters build no autograd graph. Which parameters train is not in the
 checkpoint: such a callback sets it again from its own state in load_state_dict (called on resume after on_setup).
+After each step, trainer.step_sums holds this process's metric sums of that step (device tensors: the task's keys,
+e.g. `loss`, and `tokens` for a causal LM).
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Callable
 
 from athena.adapters import adapter_aux_loss, save_adapter
-from athena.adaptive.wrapper import HierarchicalAdaptiveWrapper
+from athena.training.callback_base import Callback
+from athena.training.exit_callback import exit_callback
+from athena.training.freezing import freezing_callback
+from athena.training.rehearsal import rehearsal_callback
+
+__all__ = ["BUILTIN_CALLBACKS", "AdapterCallback", "Callback"]
 
 if TYPE_CHECKING:
     from athena.config import RunConfig
-
-
-class Callback:
-    name: str = ""  # the key of its state in checkpoints; defaults to the class name
-
-    def on_setup(self, trainer) -> None:
-        pass
-
-    def aux_losses(self, model: torch.nn.Module, fraction: float) -> dict[str, torch.Tensor]:
-        return {}
-
-    def on_after_backward(self, trainer, step: int) -> None:
-        pass
-
-    def on_step_end(self, trainer, step: int) -> None:
-        pass
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-        return {}
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def on_finish(self, trainer) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-    @property
-    def key(self) -> str:
-        return self.name or type(self).__name__
 
 
 class AdapterCallback(Callback):
@@ -89,57 +60,7 @@ def adapter_callback(cfg: RunConfig) -> Callback | None:
     return AdapterCallback() if cfg.adapter.name != "none" else None
 
 
-class ExitCallback(Callback):
-    """exit=hierarchical: the routers' z-loss and entropy and the gates' depth cost join the loss; logged at each log
-    step, over the training forwards since the last: exit/share_<layer> (tokens leaving after that layer; `end`: the
-    ones that ran every layer), exit/capacity_<i> (realised FFN share of layer i), exit/router_load_<i> (mean router
-    probability), exit/router_z_loss, exit/mean_depth (share of layers a token ran)."""
-
-    name = "exit"
-
-    def __init__(self):
-        self.window: dict[str, float] = {}
-        self.forwards = 0
-
-    def aux_losses(self, model, fraction):
-        wrapper = getattr(model, "module", model)  # under DDP
-        if not isinstance(wrapper, HierarchicalAdaptiveWrapper):
-            return {}
-        self._accumulate(wrapper)
-        return {name: value.float() * fraction for name, value in wrapper.aux_losses().items()}
-
-    def _accumulate(self, wrapper):
-        stats = wrapper.last_stats
-        if stats is None or not stats.tokens:
-            return
-        add = self.window
-        depth = len(wrapper.parts.layers)
-        layers = [layer for layer in wrapper.exit_layers][: len(stats.exits)]
-        for layer, count in zip(layers, stats.exits):
-            add[f"exit/share_{layer}"] = add.get(f"exit/share_{layer}", 0.0) + count / stats.tokens
-        ran_all = stats.tokens - sum(stats.exits)
-        add["exit/share_end"] = add.get("exit/share_end", 0.0) + ran_all / stats.tokens
-        mean_depth = (sum(l * c for l, c in zip(layers, stats.exits)) + depth * ran_all) / (depth * stats.tokens)
-        add["exit/mean_depth"] = add.get("exit/mean_depth", 0.0) + mean_depth
-        for i, share in enumerate(stats.realised_capacity):
-            add[f"exit/capacity_{i}"] = add.get(f"exit/capacity_{i}", 0.0) + share
-        for i, load in enumerate(stats.router_load):
-            add[f"exit/router_load_{i}"] = add.get(f"exit/router_load_{i}", 0.0) + float(load)
-        if stats.z_loss:
-            z_loss = float(sum(stats.z_loss)) / len(stats.z_loss)
-            add["exit/router_z_loss"] = add.get("exit/router_z_loss", 0.0) + z_loss
-        self.forwards += 1
-
-    def on_log(self, step, metrics):
-        out = {key: value / max(self.forwards, 1) for key, value in self.window.items()}
-        self.window, self.forwards = {}, 0
-        return out
-
-
-def exit_callback(cfg: RunConfig) -> Callback | None:
-    return ExitCallback() if cfg.exit.name != "none" else None
-
-
-# Callbacks that config switches on (each: cfg -> callback or None); freezing and rehearsal come here next. A run's
-# own callbacks (`callbacks=[...]` in config) follow them.
-BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback, exit_callback)
+# Callbacks that config switches on (each: cfg -> callback or None). A run's own callbacks (`callbacks=[...]` in
+# config) follow them. Rehearsal comes before freezing: the loss spike freezing watches is the mixed batch's.
+BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback, exit_callback,
+                                                                         rehearsal_callback, freezing_callback)

@@ -68,6 +68,7 @@ class PretrainRecipe:
         self._stop_requested = False
         self.lock: RunFolderLock | None = None
         self.saved_step: int | None = None  # the step whose state this run's folder holds as last.pt
+        self.step_sums: dict[str, torch.Tensor] = {}  # the last step's metric sums (callbacks read them)
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -346,7 +347,10 @@ class PretrainRecipe:
                 while self.step < self.total_steps:
                     batch = next(batches)
                     position = batch.pop("position")
+                    for callback in self.callbacks:  # e.g. rehearsal mixes stored samples of earlier tasks in
+                        batch = callback.on_batch(self, self.step + 1, batch)
                     sums = self._train_step({k: v.to(self.device, non_blocking=True) for k, v in batch.items()})
+                    self.step_sums = sums  # what callbacks read at on_step_end (a loss spike, ...)
                     self.step += 1
                     self.batches_consumed = position + 1
                     for key, value in sums.items():
