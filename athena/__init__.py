@@ -21,6 +21,9 @@ _EXPORTS = {  # public name -> the module that defines it
     "merge_and_unload": "athena.adapters.merge",
     "quantize_adapter_model": "athena.adapters.quantize",
     "TinyRecursiveModel": "athena.models.trm",
+    "AutoRank": "athena.adapters.autorank.search",
+    "set_dynamic_rank_allocation": "athena.adapters.autorank.importance",
+    "analyze_layer_importance": "athena.adapters.autorank.importance",
 }
 __all__ = list(_EXPORTS)
 
