@@ -78,6 +78,15 @@ class AutoRankSweeper(Sweeper):
                                                                 task_function=task_function, config=config)
 
     def sweep(self, arguments: List[str]) -> List[JobReturn]:
+        from athena.cli import exit_with_error
+        from athena.errors import AthenaError
+
+        try:
+            return self._sweep(arguments)
+        except AthenaError as error:  # a bad setting or config: one line, as pretrain.py ends (athena.cli)
+            exit_with_error(str(error))
+
+    def _sweep(self, arguments: List[str]) -> List[JobReturn]:
         from athena.adapters.autorank import AutoRank, AutoRankError, RandomRankSearch
 
         assert self.config is not None and self.hydra_context is not None and self.launcher is not None
