@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import random
 import sys
 import time

@@ -1,7 +1,7 @@
 """sweeps/autorank.yaml through Hydra: the AutoRank sweeper (hydra_plugins/athena_autorank) runs each trial as an
-ordinary pretrain.py job and feeds its returned score to the search, and the report draws it (resuming from the
-trials file is tests/adapters/test_autorank.py's: a second multirun here would double this file's time). The toy variant runs through a real `pretrain.py -m` on the CPU; the GPU study's config is composed and
-validated."""
+ordinary pretrain.py job and feeds its returned score to the search, and the report draws it. The toy variant runs
+through a real `pretrain.py -m` on the CPU; the GPU study's config is composed and validated. (Resuming from the
+trials file is tests/adapters/test_autorank.py's: a second multirun here would double this file's time.)"""
 
 from __future__ import annotations
 

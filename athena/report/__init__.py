@@ -45,6 +45,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, sort: str | 
 
     if baseline is not None and not is_autorank_sweep(folder):
         raise ReportError(f"--baseline compares AutoRank searches; {folder} holds no autorank_trials.jsonl")
-    extra = write_autorank_report(folder, out, Path(baseline) if baseline else None) if is_autorank_sweep(folder) else []
+    extra = []
+    if is_autorank_sweep(folder):
+        extra = write_autorank_report(folder, out, Path(baseline) if baseline else None)
     written = write_sweep_report(folder, runs, out, sort=sort, order=order, metric=metric)
     return [*written[:-1], *extra, written[-1]]

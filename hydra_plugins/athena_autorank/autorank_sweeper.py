@@ -147,8 +147,8 @@ class AutoRankSweeper(Sweeper):
                                                                  f"{_as_override(best.rank_pattern)}",
                   "trials": len(searcher.trials), "strategy": s["strategy"]}
         (sweep_dir / RESULT_FILE).write_text(json.dumps(result, indent=1) + "\n")
-        print(f"[athena] autorank: best of {len(searcher.trials)} trials is trial {best.number} (score {best.value:.6g}, "
-              f"total rank {best.total_rank}, {best.trainable_params:,} LoRA parameters): "
+        print(f"[athena] autorank: best of {len(searcher.trials)} trials is trial {best.number} "
+              f"(score {best.value:.6g}, total rank {best.total_rank}, {best.trainable_params:,} LoRA parameters): "
               f"{sweep_dir / RESULT_FILE}")
         return returns
 
