@@ -1,7 +1,7 @@
 """sweeps/autorank.yaml through Hydra: the AutoRank sweeper (hydra_plugins/athena_autorank) runs each trial as an
-ordinary pretrain.py job and feeds its returned score to the search, and the report draws it. The toy variant runs
-through a real `pretrain.py -m` on the CPU; the GPU study's config is composed and validated. (Resuming from the
-trials file is tests/adapters/test_autorank.py's: a second multirun here would double this file's time.)"""
+ordinary pretrain.py job and feeds its returned score to the search, resumes from its trials file, and the report
+draws it. The toy variant runs through a real `pretrain.py -m` on the CPU; the GPU study's config is composed and
+validated."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def toy_base(tmp_path_factory, data_root):
 
 
 @pytest.mark.slow
-def test_the_toy_sweep_runs_each_trial_as_a_job_and_reports(toy_base, tmp_path, data_root):
+def test_the_toy_sweep_runs_each_trial_as_a_job_resumes_and_reports(toy_base, tmp_path, data_root):
     sweep = tmp_path / "sweep"
     run_script("pretrain.py", "-m", *TOY, f"init_from={toy_base}", f"hydra.sweep.dir={sweep}", data_root=data_root)
     records = [json.loads(line) for line in (sweep / "autorank_trials.jsonl").read_text().splitlines()]
@@ -48,13 +48,21 @@ def test_the_toy_sweep_runs_each_trial_as_a_job_and_reports(toy_base, tmp_path, 
     result = json.loads((sweep / "autorank_result.json").read_text())
     assert result["value"] == min(r["value"] for r in records)
 
+    # Resume: the same sweep asked for one more trial runs exactly one, in a new folder, with a new pattern.
+    run_script("pretrain.py", "-m", *TOY, f"init_from={toy_base}", f"hydra.sweep.dir={sweep}",
+               "hydra.sweeper.num_trials=5", data_root=data_root)
+    again = [json.loads(line) for line in (sweep / "autorank_trials.jsonl").read_text().splitlines()]
+    assert again[:4] == records and len(again) == 5
+    assert again[4]["ranks"] not in [r["ranks"] for r in records]
+    assert sorted(p.name for p in sweep.glob("trial_*")) == [f"trial_{i:03d}" for i in range(5)]
+
     from athena.report.autorank import write_autorank_report  # python -m athena.report's AutoRank part
 
     written = write_autorank_report(sweep, tmp_path / "report", baseline=sweep)  # its own trials as a second curve
     assert [p.name for p in written] == ["autorank_ranks.png", "autorank_best_so_far.png", "autorank.md"]
     assert all(p.stat().st_size > 1000 for p in written)
     text = (tmp_path / "report" / "autorank.md").read_text()
-    assert text.count("\n| ") == 5 and "After 4 trials" in text  # header + 4 trials
+    assert text.count("\n| ") == 6 and "After 5 trials" in text  # header + 5 trials
 
 
 @pytest.mark.slow
