@@ -24,6 +24,9 @@ _EXPORTS = {  # public name -> the module that defines it
     "HierarchicalAdaptiveWrapper": "athena.adaptive.wrapper",
     "ProgressiveFreezingScheduler": "athena.training.freezing",
     "RehearsalBuffer": "athena.memory.rehearsal",
+    "AutoRank": "athena.adapters.autorank.search",
+    "set_dynamic_rank_allocation": "athena.adapters.autorank.importance",
+    "analyze_layer_importance": "athena.adapters.autorank.importance",
 }
 __all__ = list(_EXPORTS)
 

@@ -18,6 +18,7 @@ Layout, each module importing only those above it:
     merge.py        merge_adapters, unmerge_adapters, merge_and_unload
     io.py           save_adapter / load_adapter (peft's format for LoRA-only and IA3-only adapters)
     quantize.py     quantize_adapter_model: an int8 base under the adapters
+    autorank/       AutoRank: per-module LoRA ranks under a budget (GP search, random search, importance)
 
 Names are loaded on first use (module __getattr__): `athena.config` validates a run's `adapter:` against
 AdapterConfig without importing torch, which keeps `pretrain.py --help` and a bad config fast.

@@ -67,7 +67,8 @@ AtLeastOne = Annotated[StrictInt, Field(ge=1)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 ModuleNames = Annotated[list[str] | None, BeforeValidator(_names)]
 LayerIndices = Annotated[list[Annotated[StrictInt, Field(ge=0)]], BeforeValidator(_as_list)]
-RankPattern = Annotated[dict[str, AtLeastOne], BeforeValidator(_as_dict)]
+# 0 = no adapter on the modules it matches (AutoRank's "skip this one"); peft has no rank 0, it leaves them out.
+RankPattern = Annotated[dict[str, Annotated[StrictInt, Field(ge=0)]], BeforeValidator(_as_dict)]
 
 
 class AdapterConfigError(AthenaError, ValueError):
@@ -122,7 +123,7 @@ class AdapterConfig:
     bottleneck_dropout: Probability = 0.0
     bottleneck_gating: bool = False
     share_across_layers: bool = False  # hybrid: one bottleneck adapter per output width, shared by all layers
-    rank_pattern: RankPattern = Field(default_factory=dict)  # pattern -> rank override
+    rank_pattern: RankPattern = Field(default_factory=dict)  # pattern -> rank override; 0: leave that module bare
     layers_to_skip: LayerIndices = Field(default_factory=list)  # the first integer in a module's path
     freeze_base: bool = True
 

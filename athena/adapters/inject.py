@@ -30,11 +30,21 @@ def add_adapters(model: nn.Module, config: AdapterConfig | dict) -> nn.Module:
     if config.method == "hybrid":
         _wrap_hybrid_targets(model, config)
     else:
-        for name in select_modules(model, config.target_modules, config, "target_modules", "targets"):
+        targets = select_modules(model, config.target_modules, config, "target_modules", "targets")
+        for name in without_rank_zero(targets, config):
             set_module(model, name, poly_adapter_for(model.get_submodule(name), name, config))
     set_trainable(model, config.freeze_base)
     model.adapter_config = config
     return model
+
+
+def without_rank_zero(targets: list[str], config: AdapterConfig) -> list[str]:
+    """The targets whose rank_pattern rank is not 0 (rank 0: no adapter there); an error if that leaves none."""
+    kept = [name for name in targets if rank_for(config, name) > 0]
+    if targets and not kept:
+        raise AdapterConfigError(f"adapter config: rank_pattern gives rank 0 to every target ({len(targets)} modules): "
+                                 "nothing would be adapted; give at least one module a rank >= 1")
+    return kept
 
 
 def refuse_stacking(model: nn.Module) -> None:
@@ -64,7 +74,8 @@ def _wrap_hybrid_targets(model: nn.Module, config: AdapterConfig) -> None:
     # Select both sets before wrapping anything, so a module can be in both (then: bottleneck(LoRA(x))).
     lora_targets = []
     if config.apply_lora_to != [] and (config.lora_on or config.ia3_on or config.moe_on):
-        lora_targets = select_modules(model, config.apply_lora_to, config, "apply_lora_to", "attention")
+        lora_targets = [name for name in select_modules(model, config.apply_lora_to, config, "apply_lora_to",
+                                                        "attention") if rank_for(config, name) > 0]
     ffn_targets = select_modules(model, config.target_modules, config, "target_modules", "ffn_out")
 
     for name in lora_targets:

@@ -102,7 +102,8 @@ def adapter_part_ids(model: nn.Module) -> set[int]:
 
 
 def rank_for(config: AdapterConfig, module_name: str) -> int:
-    """The LoRA rank of one module: the first matching rank_pattern entry, else `config.rank`."""
+    """The LoRA rank of one module: the first matching rank_pattern entry, else `config.rank`; 0 means the module
+    gets no adapter (add_adapters leaves it out)."""
     for pattern, rank in config.rank_pattern.items():
         if matches(pattern, module_name):
             return int(rank)

@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> None:
                              "perplexity, memory and time)")
     parser.add_argument("--metric", help="multirun: the metric plotted across jobs (default: the --sort column if it "
                                          "is a metric, else the main eval score)")
+    parser.add_argument("--baseline", help="AutoRank sweep: another search's folder (or its autorank_trials.jsonl), "
+                                           "e.g. random search, whose best-so-far curve is drawn beside")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.folder, args.out, sort=args.sort, order=args.order, metric=args.metric)
+        written = write_report(args.folder, args.out, sort=args.sort, order=args.order, metric=args.metric,
+                               baseline=args.baseline)
     except AthenaError as error:
         exit_with_error(str(error))
     for path in written:

@@ -290,6 +290,19 @@ def test_layers_to_skip_rank_pattern_and_target_regex():
     assert wrapped == {"net.layers.1.attn.qkv_proj": 2, "net.layers.1.mlp.down_proj": 4}
 
 
+def test_rank_zero_in_rank_pattern_leaves_that_module_bare():
+    """AutoRank's 0 = no adapter there: the module stays the base linear, the others keep their ranks; a pattern
+    that zeroes every target adapts nothing and says so."""
+    cfg = AdapterConfig(method="lora", rank=4, rank_pattern={r"layers\.0\.attn\.o_proj": 0, "mlp.down_proj": 2})
+    model = add_adapters(tiny_trm(), cfg)
+    wrapped = {n: m.rank for n, m in model.named_modules() if isinstance(m, PolyAdapter)}
+    assert "net.layers.0.attn.o_proj" not in wrapped and "net.layers.1.attn.o_proj" in wrapped
+    assert isinstance(model.net.layers[0].attn.o_proj, AthenaLinear) and wrapped["net.layers.0.mlp.down_proj"] == 2
+    assert len(wrapped) == 7  # 2 layers x 4 targets, one left out
+    with pytest.raises(AdapterConfigError, match="rank 0 to every target"):
+        add_adapters(tiny_trm(), AdapterConfig(method="lora", rank_pattern={".*": 0}))
+
+
 def test_hybrid_puts_lora_on_attention_and_bottlenecks_after_the_ffn():
     base = tiny_trm().eval()
     cfg = AdapterConfig(method="hybrid", rank=4, bottleneck_size=8, bottleneck_gating=True)
@@ -482,7 +495,7 @@ def test_int8_linear_error_is_small():
     (dict(method="bitfit"), "method"),
     (dict(method="hybrid", bottleneck_activation="swishy"), "bottleneck_activation"),
     (dict(method="lora", dropout=1.5), "dropout"),
-    (dict(method="lora", rank_pattern={"o_proj": 0}), "rank_pattern"),
+    (dict(method="lora", rank_pattern={"o_proj": -1}), "rank_pattern"),
 ])
 def test_bad_config_fails_with_one_clear_line(kwargs, field):
     with pytest.raises(AdapterConfigError) as info:

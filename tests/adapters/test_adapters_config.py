@@ -70,7 +70,7 @@ BAD = [
     ("router_z_weight", -1.0, "moe", "adapter.router_z_weight"),
     ("bottleneck_size", 0, "hybrid", "adapter.bottleneck_size"),
     ("bottleneck_activation", "swish", "hybrid", "adapter.bottleneck_activation"),
-    ("rank_pattern", {"o_proj": 0}, "lora", "adapter.rank_pattern.o_proj"),
+    ("rank_pattern", {"o_proj": -1}, "lora", "adapter.rank_pattern.o_proj"),
     ("layers_to_skip", [-1], "lora", "adapter.layers_to_skip.0"),
     ("target_modules", [], "lora", "adapter.target_modules: selects nothing"),
     ("top_k", 9, "moe", "top_k=9 is larger than num_experts=4"),
