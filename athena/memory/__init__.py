@@ -1,0 +1,1 @@
+"""Memory added to a model: AMRPA (cross-layer attention memory, athena.memory.amrpa)."""
