@@ -69,7 +69,8 @@ def inject_amrpa(model: nn.Module, config: AMRPAConfig | None = None,
         module = module_at(depth)
         if not hasattr(module, "amrpa"):
             module.amrpa = nn.ModuleDict()
-        module.amrpa[str(depth)] = AMRPAMemory(hidden_size, num_heads, windows[depth], config).to(device)
+        memory = AMRPAMemory(hidden_size, num_heads, windows[depth], config).to(device)
+        module.amrpa[str(depth)] = memory.train(model.training)  # a model in eval mode gets its memory in eval mode
     for depth, module in enumerate(map(module_at, range(num_depths))):
         if depth in roles and getattr(module, "config", None) is hf_config:
             module.config = copy.copy(hf_config)  # its own copy: only these modules switch implementation

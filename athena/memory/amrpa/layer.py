@@ -7,7 +7,8 @@ For a targeted layer at depth l, with its own attention pattern A (batch, heads,
     M               sum_w alpha_w * gamma**(l - layer_w) * (P_w + noise in training), kept on the allowed keys and
                     renormalised to a distribution per query (so the decay weights recent layers over old ones)
     s               cosine similarity of A and M per head and query
-    g               gate_activation(gate_sensitivity * s + bias_h) * clamp(strength_h, 0, 1)
+    g               gate_activation(gate_sensitivity * s + bias_h) * clamp(strength_h, 0, 1)   (strength starts at
+                    gate_init_strength, 0 by default: the injected model starts as the original, exactly)
     A'              A + g * (M - A)     (= (1 - g) A + g M: still a distribution; g = 0 gives A exactly)
 
 and the layer's output is dropout(A') @ V. A' is what the layer attended with, so it is what later layers remember:
@@ -85,7 +86,11 @@ class AMRPAMemory(nn.Module):
             opened = F.hardsigmoid(x)
         else:  # tanh, moved to [0, 1]
             opened = 0.5 * (torch.tanh(x) + 1.0)
-        return opened * self.gate_strength.float().clamp(0.0, 1.0).view(1, -1, 1)
+        # The strength is clamped to [0, 1] in value but not in gradient (straight through): a head whose strength
+        # went below 0 is exactly closed, yet still learns whether opening would help, instead of dying there.
+        raw = self.gate_strength.float()
+        strength = raw + (raw.clamp(0.0, 1.0) - raw).detach()
+        return opened * strength.view(1, -1, 1)
 
     def forward(self, probs: torch.Tensor, history: list[torch.Tensor], allowed: torch.Tensor | None,
                 hidden: torch.Tensor) -> torch.Tensor:
