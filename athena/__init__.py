@@ -21,6 +21,10 @@ _EXPORTS = {  # public name -> the module that defines it
     "merge_and_unload": "athena.adapters.merge",
     "quantize_adapter_model": "athena.adapters.quantize",
     "TinyRecursiveModel": "athena.models.trm",
+    "AMRPAConfig": "athena.memory.amrpa.config",
+    "inject_amrpa": "athena.memory.amrpa.inject",
+    "get_amrpa_metrics": "athena.memory.amrpa.inject",
+    "reset_amrpa_history": "athena.memory.amrpa.inject",
 }
 __all__ = list(_EXPORTS)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, create
 
 from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
 from athena.errors import AthenaError, ConfigError
+from athena.memory.amrpa.config import AMRPAConfig, AMRPAConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
 
@@ -36,7 +37,7 @@ ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.confi
 # The schemas whose defaults conf/ reads as `${default:<schema>.<knob>}`: a YAML file lists each knob (so `--cfg job`
 # shows it and a command line overrides it without `+`) but its value is written once, in the schema.
 SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
-                   "hf": "athena.models.hf_config:HFCausalLMConfig"}
+                   "hf": "athena.models.hf_config:HFCausalLMConfig", "amrpa": "athena.memory.amrpa.config:AMRPAConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -82,6 +83,32 @@ AdapterNode = create_model(
     **{knob: (info.annotation, info) for knob, info in AdapterConfig.__pydantic_fields__.items() if knob != "method"},
 )
 
+class _MemoryNodeRules(Strict):
+    name: Literal["none", "amrpa"]
+
+    @model_validator(mode="after")
+    def _amrpa_fits(self) -> _MemoryNodeRules:
+        if self.name != "none":
+            try:
+                AMRPAConfig(**self.amrpa_kwargs())
+            except AMRPAConfigError as error:
+                raise ValueError(f"{error.field + ': ' if error.field else ''}{error.problem}") from None
+        return self
+
+    def amrpa_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of athena.memory.amrpa.AMRPAConfig."""
+        return self.model_dump(exclude={"name"})
+
+
+# As AdapterNode: AMRPAConfig's own fields, so a bad value names `memory.<knob>` and no default is written twice.
+MemoryNode = create_model(
+    "MemoryNode", __base__=_MemoryNodeRules, __module__=__name__,
+    __doc__="conf/memory/*.yaml: `name` (none or amrpa) + every AMRPAConfig knob, flat under `memory.`; `name=none` "
+            "leaves the model untouched.",
+    **{knob: (info.annotation, info) for knob, info in AMRPAConfig.__pydantic_fields__.items()},
+)
+
+
 def schema_default(reference: str) -> Any:
     """`${default:trm.rope_theta}` in conf/: that knob's default in its schema (SCHEMA_DEFAULTS). config.json and
     checkpoints record the resolved value a run used."""
@@ -125,6 +152,7 @@ class RunConfig(Strict):
     optimizer: OptimizerConfig
     freezing: NamedOnly
     exit: NamedOnly
+    memory: MemoryNode = MemoryNode(name="none")  # cross-layer attention memory (configs stored before it: none)
     logger: LoggerConfig
     # Defaults for configs stored before these existed (TRM runs scored as puzzles).
     task: ComponentNode = ComponentNode(target="athena.training.tasks.TRMTask")  # a batch -> a loss

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from athena.adapters import adapter_aux_loss, save_adapter
+from athena.memory.amrpa import amrpa_aux_loss, get_amrpa_metrics
 
 if TYPE_CHECKING:
     from athena.config import RunConfig
@@ -88,6 +89,29 @@ def adapter_callback(cfg: RunConfig) -> Callback | None:
     return AdapterCallback() if cfg.adapter.name != "none" else None
 
 
+class AMRPACallback(Callback):
+    """memory=amrpa: AMRPA's regularisers (selection diversity, gate) join the loss as train/amrpa_reg, and each log
+    step adds the last training forward's metrics, averaged over the targeted layers (train/amrpa_gate_impact, ...)."""
+
+    name = "amrpa"
+
+    def on_setup(self, trainer):
+        self.model = trainer.model
+
+    def aux_losses(self, model, fraction):
+        regularisers = amrpa_aux_loss(model)  # those of this micro-batch's forward (a mean over its tokens)
+        return {} if regularisers is None else {"amrpa_reg": regularisers.float() * fraction}
+
+    def on_log(self, step, metrics):
+        values = get_amrpa_metrics(self.model)
+        return {f"train/amrpa_{name}": float(values[name].nanmean()) for name in
+                ("gate_mean", "gate_impact", "alpha_diversity", "memory_similarity", "gate_strength")}
+
+
+def amrpa_callback(cfg: RunConfig) -> Callback | None:
+    return AMRPACallback() if cfg.memory.name != "none" else None
+
+
 # Callbacks that config switches on (each: cfg -> callback or None); freezing and rehearsal come here next. A run's
 # own callbacks (`callbacks=[...]` in config) follow them.
-BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback,)
+BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback, amrpa_callback)

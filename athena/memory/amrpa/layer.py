@@ -77,8 +77,9 @@ class AMRPAMemory(nn.Module):
         logits = logits.view(*hidden.shape[:2], self.num_heads, self.window).transpose(1, 2)
         return torch.softmax(logits / self.temperature, dim=-1)
 
-    def gate(self, similarity: torch.Tensor) -> torch.Tensor:
-        """g: (batch, heads, queries) in [0, 1] from the cosine similarity of the layer's pattern and the memory."""
+    def gate(self, similarity: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g: (batch, heads, queries) in [0, 1] from the cosine similarity of the layer's pattern and the memory, twice:
+        for the forward and for the gate regulariser."""
         x = self.sensitivity * similarity + self.gate_bias.float().view(1, -1, 1)
         if self.activation == "sigmoid":
             opened = torch.sigmoid(x)
@@ -87,10 +88,12 @@ class AMRPAMemory(nn.Module):
         else:  # tanh, moved to [0, 1]
             opened = 0.5 * (torch.tanh(x) + 1.0)
         # The strength is clamped to [0, 1] in value but not in gradient (straight through): a head whose strength
-        # went below 0 is exactly closed, yet still learns whether opening would help, instead of dying there.
+        # went below 0 is exactly closed, yet still learns whether opening would help, instead of dying there. The
+        # regulariser sees the plain clamp: a closed gate costs nothing, so it is not pushed ever further below 0.
         raw = self.gate_strength.float()
-        strength = raw + (raw.clamp(0.0, 1.0) - raw).detach()
-        return opened * strength.view(1, -1, 1)
+        clamped = raw.clamp(0.0, 1.0)
+        strength = raw + (clamped - raw).detach()
+        return opened * strength.view(1, -1, 1), opened * clamped.view(1, -1, 1)
 
     def forward(self, probs: torch.Tensor, history: list[torch.Tensor], allowed: torch.Tensor | None,
                 hidden: torch.Tensor) -> torch.Tensor:
@@ -109,21 +112,22 @@ class AMRPAMemory(nn.Module):
             memory = memory * allowed
         memory = memory / memory.sum(-1, keepdim=True).clamp_min(1e-12)
         similarity = (probs * memory).sum(-1) / (probs.norm(dim=-1) * memory.norm(dim=-1)).clamp_min(1e-12)
-        gate = self.gate(similarity)
+        gate, gate_for_loss = self.gate(similarity)
         mixed = probs + gate.unsqueeze(-1) * (memory - probs)
-        self._account(alpha, gate, similarity, probs, mixed)
+        self._account(alpha, gate, gate_for_loss, similarity, probs, mixed)
         return mixed
 
-    def _account(self, alpha, gate, similarity, probs, mixed) -> None:
+    def _account(self, alpha, gate, gate_for_loss, similarity, probs, mixed) -> None:
         """Regularisers (kept for amrpa_aux_loss when gradients are on) and metrics of the last call."""
-        # Entropy of the selection normalised by log W: 1 = spread evenly over the remembered layers, 0 = one layer.
+        # Entropy of the selection normalised by log W: 1 = spread evenly over the remembered layers, 0 = one layer
+        # (a window of one layer has nothing to choose: 1, and no loss).
         if self.window > 1:
             diversity = -(alpha * alpha.clamp_min(1e-12).log()).sum(-1) / math.log(self.window)
         else:
-            diversity = torch.zeros_like(alpha[..., 0])
+            diversity = torch.ones_like(alpha[..., 0])
         if torch.is_grad_enabled() and self.training:
             # Only the last forward's: a caller that never takes them (amrpa_aux_loss) keeps no old graphs alive.
-            self.pending_losses = [((1.0 - diversity).mean(), gate.mean())]
+            self.pending_losses = [((1.0 - diversity).mean(), gate_for_loss.mean())]
         with torch.no_grad():
             self.last_metrics = {
                 "gate_mean": gate.mean(),
