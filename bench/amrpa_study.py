@@ -17,7 +17,7 @@ frozen; a parallel bottleneck adapter on each of the same attention modules, zer
 trainable parameter count as AMRPA: the same budget without the memory path), `finetune` (every weight trains),
 `head_only` (encoder only: the frozen encoder's features) and `base` (decoder only: no training).
 
-    python bench/amrpa_study.py --data-root $ATHENA_DATA_DIR --out docs/results/amrpa          # H200, < 3 min
+    python bench/amrpa_study.py --data-root $ATHENA_DATA_DIR --out $OUT          # H200, < 3 min
     python bench/amrpa_study.py --toy --out /tmp/amrpa_toy      # CPU plumbing: text_tiny, a tiny random Llama
 
 Writes <out>/amrpa_study.json: per part and method, each seed's metric, trainable parameters, step time, peak
@@ -68,7 +68,10 @@ def encoder_task(text_dir: Path, classes: int = 6) -> dict:
         name = "docstring_name"
         label_of = lambda item: item["answer"].split(".")[0]  # noqa: E731
         text_of = lambda item: item["prompt"].removeprefix("Docstring: ").removesuffix("\nName:")  # noqa: E731
-    read = lambda split: [json.loads(line) for line in (tasks / f"{name}{split}.jsonl").read_text().splitlines()]  # noqa: E731
+
+    def read(split: str) -> list[dict]:
+        return [json.loads(line) for line in (tasks / f"{name}{split}.jsonl").read_text().splitlines()]
+
     train_items, test_items = read(".train"), read("")
     labels = [label for label, _ in Counter(label_of(i) for i in train_items).most_common(classes)]
     index = {label: k for k, label in enumerate(sorted(labels))}

@@ -63,7 +63,8 @@ def test_trains_under_transformers_trainer(tmp_path, one_thread):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
                                       intermediate_size=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    model = inject_amrpa(transformers.LlamaForCausalLM(config), AMRPAConfig(target_layers="last_2", alpha_mlp_hidden=16))
+    model = inject_amrpa(transformers.LlamaForCausalLM(config),
+                         AMRPAConfig(target_layers="last_2", alpha_mlp_hidden=16))
     ids = torch.randint(0, 64, (16, 12))
     data = [{"input_ids": row, "labels": row} for row in ids]
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}

@@ -71,7 +71,8 @@ class AMRPAMemory(nn.Module):
         self.pending_losses: list[tuple[torch.Tensor, torch.Tensor]] = []  # (diversity, gate) of the last training call
 
     def selection(self, hidden: torch.Tensor) -> torch.Tensor:
-        """alpha: (batch, heads, queries, W) softmax weights over the remembered layers, from (batch, queries, hidden)."""
+        """alpha: (batch, heads, queries, W) softmax weights over the remembered layers from (batch, queries, hidden)
+        hidden states."""
         weight = self.selector[0].weight
         logits = self.selector(hidden.to(weight.dtype)).float()  # the memory stays float32 in a bf16 model
         logits = logits.view(*hidden.shape[:2], self.num_heads, self.window).transpose(1, 2)
