@@ -27,6 +27,10 @@ _EXPORTS = {  # public name -> the module that defines it
     "AutoRank": "athena.adapters.autorank.search",
     "set_dynamic_rank_allocation": "athena.adapters.autorank.importance",
     "analyze_layer_importance": "athena.adapters.autorank.importance",
+    "AMRPAConfig": "athena.memory.amrpa.config",
+    "inject_amrpa": "athena.memory.amrpa.inject",
+    "get_amrpa_metrics": "athena.memory.amrpa.inject",
+    "reset_amrpa_history": "athena.memory.amrpa.inject",
 }
 __all__ = list(_EXPORTS)
 

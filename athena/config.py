@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, create
 from athena.adapters.config import METHODS, AdapterConfig, AdapterConfigError
 from athena.adaptive.config import ExitConfig
 from athena.errors import AthenaError, ConfigError
+from athena.memory.amrpa.config import AMRPAConfig, AMRPAConfigError
 from athena.schema import Strict, TargetNode, describe
 from athena.training.config import LoggerConfig, OptimizerConfig, TrainConfig
 from athena.training.freezing_config import FreezingConfig
@@ -41,7 +42,8 @@ ARCH_SCHEMAS = {"athena.models.trm.TinyRecursiveModel": "athena.models.trm.confi
 SCHEMA_DEFAULTS = {"trm": "athena.models.trm.config:TRMConfig", "adapter": "athena.adapters.config:AdapterConfig",
                    "hf": "athena.models.hf_config:HFCausalLMConfig", "exit": "athena.adaptive.config:ExitConfig",
                    "freezing": "athena.training.freezing_config:FreezingKnobs",
-                   "rehearsal": "athena.training.rehearsal_config:RehearsalConfig"}
+                   "rehearsal": "athena.training.rehearsal_config:RehearsalConfig",
+                   "amrpa": "athena.memory.amrpa.config:AMRPAConfig"}
 
 
 class ComponentNode(TargetNode):
@@ -80,6 +82,32 @@ AdapterNode = create_model(
             "`adapter.`; `name=none` leaves the model untouched.",
     **{knob: (info.annotation, info) for knob, info in AdapterConfig.__pydantic_fields__.items() if knob != "method"},
 )
+
+class _MemoryNodeRules(Strict):
+    name: Literal["none", "amrpa"]
+
+    @model_validator(mode="after")
+    def _amrpa_fits(self) -> _MemoryNodeRules:
+        if self.name != "none":
+            try:
+                AMRPAConfig(**self.amrpa_kwargs())
+            except AMRPAConfigError as error:
+                raise ValueError(f"{error.field + ': ' if error.field else ''}{error.problem}") from None
+        return self
+
+    def amrpa_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of athena.memory.amrpa.AMRPAConfig."""
+        return self.model_dump(exclude={"name"})
+
+
+# As AdapterNode: AMRPAConfig's own fields, so a bad value names `memory.<knob>` and no default is written twice.
+MemoryNode = create_model(
+    "MemoryNode", __base__=_MemoryNodeRules, __module__=__name__,
+    __doc__="conf/memory/*.yaml: `name` (none or amrpa) + every AMRPAConfig knob, flat under `memory.`; `name=none` "
+            "leaves the model untouched.",
+    **{knob: (info.annotation, info) for knob, info in AMRPAConfig.__pydantic_fields__.items()},
+)
+
 
 def schema_default(reference: str) -> Any:
     """`${default:trm.rope_theta}` in conf/: that knob's default in its schema (SCHEMA_DEFAULTS). config.json and
@@ -124,6 +152,7 @@ class RunConfig(Strict):
     optimizer: OptimizerConfig
     freezing: FreezingConfig  # progressive freezing's schema is the component's (athena.training.freezing_config)
     exit: ExitConfig  # none, or hierarchical: exit gates + capacity routers (athena/adaptive/config.py)
+    memory: MemoryNode = MemoryNode(name="none")  # cross-layer attention memory (configs stored before it: none)
     logger: LoggerConfig
     rehearsal: RehearsalConfig = RehearsalConfig(name="none")  # cross-task replay (athena.training.rehearsal)
     # Defaults for configs stored before these existed (TRM runs scored as puzzles).

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from athena.config import ARCH_SCHEMAS, ConfigError, validate_config
 from helpers import CONF, composed, run_script
 
-GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", "freezing", "exit", "logger",
+GROUPS = ["train", "arch", "adapter", "task", "evaluator", "data", "optimizer", "freezing", "exit", "memory", "logger",
           "rehearsal", "experiment"]
 
 
@@ -37,7 +37,7 @@ def test_each_option_composes_and_validates(group, option):
     cfg = validate_config(config)
     # What is built from the validated nodes (model_dump(by_alias=True) -> instantiate) must hold every key and
     # value the YAML gave: validation may add defaults, never drop, rename or change what was written.
-    for node in ("arch", "data", "optimizer", "logger", "train", "adapter"):
+    for node in ("arch", "data", "optimizer", "logger", "train", "adapter", "memory"):
         assert_keeps(config[node], getattr(cfg, node).model_dump(by_alias=True), node)
 
 

@@ -21,6 +21,7 @@ from athena.adaptive.config import AdaptiveConfigError
 from athena.checkpoint import load_checkpoint, load_weights, model_weights
 from athena.config import RunConfig, build_component
 from athena.errors import ConfigError
+from athena.memory.amrpa import AMRPAConfig, AMRPAConfigError, inject_amrpa
 
 log = logging.getLogger("athena")
 
@@ -139,4 +140,15 @@ def apply_exit(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         raise ConfigError(f"exit={cfg.exit.name}: {error}") from None
 
 
-BUILTIN_TRANSFORMS: tuple[ModelTransform, ...] = (apply_adapter, apply_exit)
+def apply_memory(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """memory=amrpa: athena.memory.amrpa.inject_amrpa with the memory node's knobs, in place; none: unchanged. After
+    the adapter: AMRPA's freeze_base_model freezes every parameter the model has by then (adapters included)."""
+    if cfg.memory.name == "none":
+        return model
+    try:
+        return inject_amrpa(model, AMRPAConfig(**cfg.memory.amrpa_kwargs()))
+    except AMRPAConfigError as error:
+        raise ConfigError(f"memory={cfg.memory.name}: {error}") from None
+
+
+BUILTIN_TRANSFORMS: tuple[ModelTransform, ...] = (apply_adapter, apply_memory, apply_exit)

