@@ -27,7 +27,7 @@ smoke: setup
 	$(PY) pretrain.py experiment=smoke $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist worksteal tests $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -2,6 +2,7 @@
 
     python evaluate.py checkpoint=outputs/<date>/<time>/checkpoints/last.pt      # or the run folder
     python evaluate.py checkpoint=... data=sudoku_x eval.max_examples=1000 eval.weights=raw [evaluator=arc]
+    python evaluate.py checkpoint=... evaluator=lm_eval eval.tasks=[wordnet_gloss]     # a causal LM, lm-eval tasks
 
 Uses the config stored in the checkpoint (arch, adapters, data, evaluator), builds the model by the same path
 training does (athena.models.build), loads the EMA weights by default, scores it with the run's evaluator (or the
@@ -47,6 +48,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     for section in ("data", "evaluator"):  # evaluate.py's own choice, where given, over the run's
         if cfg.get(section) is not None:
             stored[section] = OmegaConf.to_container(cfg[section], resolve=True)
+    if cfg.eval.get("tasks") is not None:  # the short spelling of evaluator.tasks
+        evaluator = stored.get("evaluator") or {}
+        if evaluator.get("_target_") != "athena.eval.lm_eval.LMEvalEvaluator":
+            raise AthenaError("eval.tasks names lm-eval tasks, but this evaluation is not lm-eval: add evaluator=lm_eval")
+        stored["evaluator"] = {**evaluator, "tasks": list(cfg.eval.tasks)}
     stored["data_root"] = cfg.data_root
     run_cfg = validate_config(stored)
 

@@ -275,12 +275,12 @@ def test_unknown_and_unreachable_tasks_stop_with_one_line(text_data, one_thread)
 
 @pytest.mark.slow
 def test_evaluate_py_runs_both_evaluators_on_a_causal_lm_checkpoint(text_data, tmp_path, one_thread):
-    """`python evaluate.py checkpoint=... evaluator=lm_eval evaluator.tasks=[...]` and `evaluator=perplexity` on a
+    """`python evaluate.py checkpoint=... evaluator=lm_eval eval.tasks=[...]` and `evaluator=perplexity` on a
     checkpoint of a random Llama (written as pretrain.py writes one) give the numbers the evaluators give in process."""
     from athena.checkpoint import save_checkpoint
     from athena.config import validate_config
     from athena.models.build import build_model
-    from helpers import composed, run_script
+    from helpers import composed, last_line_error, run_script
 
     data_dir, tokenizer = text_data
     rows = multiple_choice_rows(6, seed=3)
@@ -299,11 +299,15 @@ def test_evaluate_py_runs_both_evaluators_on_a_causal_lm_checkpoint(text_data, t
                                  run_dir / "checkpoints", 7, keep=1)
 
     proc = run_script("evaluate.py", f"checkpoint={checkpoint}", "eval.weights=raw", "evaluator=lm_eval",
-                      "evaluator.tasks=[toy_choice]", "eval.name=choice", data_root=tmp_path / "cache")
+                      "eval.tasks=[toy_choice]", "eval.name=choice", data_root=tmp_path / "cache")
     written = json.loads((run_dir / "eval" / "choice.json").read_text())
     direct = LMEvalEvaluator(tasks=["toy_choice"]).evaluate(context(model.eval(), data_dir))
     assert written["tasks"] == direct.results and written["step"] == 7, proc.stdout[-2000:]
     assert "toy_choice: acc" in proc.stdout
+    refused = run_script("evaluate.py", f"checkpoint={checkpoint}", "eval.tasks=[toy_choice]", check=False,
+                         full_errors=False, data_root=tmp_path / "cache")  # the run's own evaluator is not lm-eval
+    assert last_line_error(refused) == ("error: eval.tasks names lm-eval tasks, but this evaluation is not lm-eval: "
+                                        "add evaluator=lm_eval")
 
     run_script("evaluate.py", f"checkpoint={checkpoint}", "eval.weights=raw", "evaluator=perplexity",
                "eval.batch_size=2", "eval.name=held_out", data_root=tmp_path / "cache")
