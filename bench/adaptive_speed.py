@@ -41,7 +41,12 @@ sys.path.insert(0, str(ROOT))
 
 from athena.adaptive.capacity_router import round_half_up  # noqa: E402
 from athena.adaptive.speed import Shapes, flop_ceiling, measure_seconds  # noqa: E402
-from athena.adaptive.wrapper import HierarchicalAdaptiveWrapper, apply_rotary  # noqa: E402
+from athena.adaptive.wrapper import (  # noqa: E402
+    HierarchicalAdaptiveWrapper,
+    LMOutput,
+    apply_rotary,
+    rotate_half,
+)
 
 CAPACITIES = (0.9, 0.7, 0.55, 0.4)
 
@@ -49,10 +54,18 @@ CAPACITIES = (0.9, 0.7, 0.55, 0.4)
 class CeilingWrapper(HierarchicalAdaptiveWrapper):
     """The adaptive forward with its skipped work removed outright and no routing: each sequence's active tokens are
     a contiguous head of `active[i]` positions (exited ones the tail), the FFN runs on the first round(c x active)
-    of them. Keys/values are computed for every token, as in the real forward. Its time is the ceiling."""
+    of them. Keys/values are computed for every token, as in the real forward. Its time is the ceiling.
+
+    Eval only (no grad). Residual adds go in place into the head slice of the one hidden-state buffer: no torch.cat
+    (which copied all B x L x D states twice a layer) and the rotary applied once per tensor (apply_rotary(q, q) /
+    (k, k) did it twice). What is left beyond the dense forward's own operations is only the row copy that F.linear
+    makes of a strided head slice (the real forward's gather does that copy too); at n = L and capacity 1 it runs
+    exactly the dense operations. It returns the wrapper's LMOutput: a class built per call with type() sits in a
+    reference cycle and kept its logits alive until a full garbage collection (the H200 OOM of 2026-12-05)."""
 
     active_per_layer: list[int] = []
 
+    @torch.no_grad()
     def forward(self, input_ids, **unused):
         B, L = input_ids.shape
         h = self.parts.embed(input_ids)
@@ -66,18 +79,29 @@ class CeilingWrapper(HierarchicalAdaptiveWrapper):
             hd = attn.head_dim
             k = attn.k_proj(x).view(B, L, -1, hd).transpose(1, 2)
             v = attn.v_proj(x).view(B, L, -1, hd).transpose(1, 2)
-            q = attn.q_proj(x[:, :n]).view(B, n, -1, hd).transpose(1, 2)
-            q, _ = apply_rotary(q, q, cos[:, :n], sin[:, :n])
-            k, _ = apply_rotary(k, k, cos, sin)
+            if n == L:
+                q = attn.q_proj(x).view(B, L, -1, hd).transpose(1, 2)
+                q, k = apply_rotary(q, k, cos, sin)
+            else:
+                q = attn.q_proj(x[:, :n]).view(B, n, -1, hd).transpose(1, 2)
+                q = rotate(q, cos[:, :n], sin[:, :n])
+                k = rotate(k, cos, sin)
             # a head block of queries over all keys: top-left causal alignment is exactly causal here
             out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=attn.scaling,
                                                  enable_gqa=q.shape[1] != k.shape[1])
-            h = torch.cat([h[:, :n] + attn.o_proj(out.transpose(1, 2).reshape(B, n, -1)), h[:, n:]], dim=1)
+            head = h if n == L else h[:, :n]
+            head += attn.o_proj(out.transpose(1, 2).reshape(B, n, -1))
             m = round_half_up(self.capacity * n) if self.capacity < 1 else n
             if m:
-                head = h[:, :m]
-                h = torch.cat([head + layer.mlp(layer.post_attention_layernorm(head)), h[:, m:]], dim=1)
-        return type("Out", (), {"logits": self.parts.lm_head(self.parts.norm(h))})()
+                head = h if m == L else h[:, :m]
+                head += layer.mlp(layer.post_attention_layernorm(head))
+        return LMOutput(logits=self.parts.lm_head(self.parts.norm(h)))
+
+
+def rotate(x, cos, sin):
+    """apply_rotary on one tensor ((batch, heads, seq, head_dim); cos/sin (batch, seq, head_dim))."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
 
 
 def stdlib_text(max_chars: int) -> str:
