@@ -18,14 +18,18 @@ For capacity in (0.9, 0.7, 0.55, 0.4), with and without exits (gate thresholds c
 - decode: ms per generated token with the KV cache (batch 1, causal routing), against dense decoding;
 - SmolLM2 only: held-out perplexity and its increase over dense. The routers and gates are untrained (router
   scores of a random projection): an honest lower bound on what trained ones give.
-Writes <out>/adaptive_speed.json and <out>/adaptive_speed.png (perplexity increase vs measured speedup, with the
-ceilings).
+Between settings: what the setting left in memory (row "memory": live tensors counted before a garbage
+collection, what the collection freed, CUDA allocated/peak), then gc + empty_cache so settings do not disturb each
+other's timing; a line warns when live tensors grew across settings.
+Writes <out>/adaptive_speed.json after every setting ("partial": true until the run ends, so a run that stops keeps
+its rows) and at the end <out>/adaptive_speed.png (perplexity increase vs measured speedup, with the ceilings).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import gc
 import json
 import math
 import sys
@@ -40,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from athena.adaptive.capacity_router import round_half_up  # noqa: E402
-from athena.adaptive.speed import Shapes, flop_ceiling, measure_seconds  # noqa: E402
+from athena.adaptive.speed import Shapes, flop_ceiling, live_tensor_bytes, measure_seconds  # noqa: E402
 from athena.adaptive.wrapper import (  # noqa: E402
     HierarchicalAdaptiveWrapper,
     LMOutput,
@@ -49,6 +53,9 @@ from athena.adaptive.wrapper import (  # noqa: E402
 )
 
 CAPACITIES = (0.9, 0.7, 0.55, 0.4)
+# growth of live tensors across settings that is reported as a leak: above allocator noise and small per-forward
+# state (stats, the last exit map); a leaked SmolLM2 logits tensor at 32 x 512 is 1.5 GiB
+LEAK_WARN_MIB = 256
 
 
 class CeilingWrapper(HierarchicalAdaptiveWrapper):
@@ -182,7 +189,25 @@ def decode_ms(model, prompt, new_tokens: int, device, repeats: int) -> float:
     return 1000 * (total - prefill) / max(new_tokens - 1, 1)
 
 
-def bench_model(name, base, held_out, args, device) -> dict:
+def settle_memory(device) -> dict:
+    """Between settings: what a setting left behind, then a clean slate for the next one's timing. live_mib is
+    counted before collecting (cyclic garbage included); cyclic_garbage_mib is what the collection then freed (0
+    unless something builds reference cycles around tensors); a growing live_mib across rows is a leak."""
+    before = live_tensor_bytes(device)
+    gc.collect()
+    after = live_tensor_bytes(device)
+    out = {"live_mib": before / 2**20, "cyclic_garbage_mib": (before - after) / 2**20}
+    if torch.device(device).type == "cuda":
+        out["cuda_allocated_mib"] = torch.cuda.memory_allocated(device) / 2**20
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def bench_model(name, base, held_out, args, device, records: list, save) -> dict:
+    """Appends this model's record to `records` at once and calls save() after every row, so a run that stops
+    keeps what it measured."""
     shapes = Shapes.of(base.config)
     model = HierarchicalAdaptiveWrapper(base, capacity=1.0).eval()
     model.collect_stats = True
@@ -198,6 +223,9 @@ def bench_model(name, base, held_out, args, device) -> dict:
 
     record = {"model": name, "shapes": shapes.__dict__, "batch": args.batch, "seq_len": args.seq_len,
               "exit_layers": model.exit_layers, "exit_rate_per_gate": args.exit_rate, "rows": []}
+    records.append(record)
+    baseline = settle_memory(device)["live_mib"]
+    record["live_mib_before_settings"] = baseline
     with torch.no_grad():
         record["hf_base_prefill_ms"] = 1000 * time_of(base)
         model.capacity, model.exits_enabled = 1.0, False
@@ -234,11 +262,15 @@ def bench_model(name, base, held_out, args, device) -> dict:
                 if held_out is not None:
                     row["perplexity"] = perplexity(model, held_out, device, args.batch)
                     row["perplexity_increase"] = row["perplexity"] / dense_ppl - 1
+                row["memory"] = settle_memory(device)
                 record["rows"].append(row)
+                save()
+                grown = row["memory"]["live_mib"] - baseline
                 print(f"{name}: capacity {capacity} exits {exits}: {row['speedup']:.2f}x (time ceiling "
                       f"{row['time_ceiling']:.2f}x, FLOP ceiling {row['flop_ceiling']:.2f}x)"
-                      + (f", perplexity +{100 * row['perplexity_increase']:.1f}%" if held_out is not None else ""),
-                      flush=True)
+                      + (f", perplexity +{100 * row['perplexity_increase']:.1f}%" if held_out is not None else "")
+                      + (f"; WARNING: {grown:.0f} MiB more live tensors than before the settings (a leak)"
+                         if grown > LEAK_WARN_MIB else ""), flush=True)
     return record
 
 
@@ -294,13 +326,21 @@ def main() -> None:
         args.prompt_len, args.new_tokens, args.heldout_sequences, args.warmup = 8, 4, 8, 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.toy else "cpu")
     began = time.time()
-    records = [bench_model(name, base, held_out, args, device) for name, base, held_out in build_models(args, device)]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    records: list[dict] = []
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-              "seconds": time.time() - began, "routers": "untrained (random projections): a lower bound on quality",
-              "models": records}
-    (out / "adaptive_speed.json").write_text(json.dumps(result, indent=2))
+              "seconds": 0.0, "routers": "untrained (random projections): a lower bound on quality",
+              "partial": True, "models": records}
+
+    def save() -> None:
+        result["seconds"] = time.time() - began
+        (out / "adaptive_speed.json").write_text(json.dumps(result, indent=2))
+
+    for name, base, held_out in build_models(args, device):
+        bench_model(name, base, held_out, args, device, records, save)
+    result["partial"] = False
+    save()
     plot(records, out / "adaptive_speed.png")
     print(f"wrote {out / 'adaptive_speed.json'} and adaptive_speed.png in {result['seconds']:.0f} s")
 

@@ -7,6 +7,8 @@ layers (its K/V serve later tokens, see wrapper.py). The FFN runs on `capacity` 
 gate dot products are counted. Attention scores are counted for the active queries only (the ceiling of a varlen
 kernel; wrapper.py's dense query block still computes them for exited tokens).
 
+live_tensor_bytes: bytes of live tensors (cyclic garbage included), for leak checks in benchmarks and tests.
+
 search_capacity_for_speedup: binary search over capacity for a target speedup, given any time(capacity) function
 (measured wall-clock in infer.py; a synthetic monotone one in tests).
 """
@@ -126,3 +128,26 @@ def measure_seconds(run: Callable[[], object], device, repeats: int = 5, warmup:
             run()
             times.append(time.perf_counter() - began)
     return statistics.median(times)
+
+
+def live_tensor_bytes(device=None) -> int:
+    """Bytes of the tensor storages the garbage collector tracks (each storage once; views share theirs), on
+    `device` (a type such as "cuda", or None for all). Counted without collecting first, so tensors held only by
+    reference cycles count: what a leak check wants, since a forward's balanced allocations rarely trigger the
+    full collection that would free them."""
+    import gc
+
+    import torch
+
+    kind = None if device is None else torch.device(device).type
+    seen: dict[tuple[str, int], int] = {}
+    for obj in gc.get_objects():
+        # type(), not isinstance: isinstance reads __class__, which some deprecated module proxies warn on
+        if not issubclass(type(obj), torch.Tensor) or obj.is_meta or (kind is not None and obj.device.type != kind):
+            continue
+        try:
+            storage = obj.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse and other storage-less layouts
+            continue
+        seen[(obj.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
