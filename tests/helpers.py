@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -93,3 +94,12 @@ def make_batch(batch_size: int, seed: int) -> dict[str, torch.Tensor]:
         "labels": labels,
         "puzzle_identifiers": torch.randint(0, NUM_IDS, (batch_size,), generator=g),
     }
+
+
+def wait_until_training(metrics: Path, timeout: float = 120) -> None:
+    """Return once metrics.jsonl holds a logged training step: the loop, which catches SIGTERM/SIGINT, is running.
+    The file alone exists from setup on, before the handler is in place, and a signal then ends the process without
+    a word (seen once under load)."""
+    deadline = time.time() + timeout
+    while not (metrics.exists() and '"train/' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.05)

@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import weakref
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from athena.config import compose_config, validate_config
-from helpers import CONF, ROOT, last_line_error, run_script, script_env
+from helpers import CONF, ROOT, last_line_error, run_script, script_env, wait_until_training
 
 SWEEPS = ROOT / "sweeps"
 TOY = ["--config-dir", "sweeps", "--config-name", "adaptation_trm_toy"]
@@ -94,9 +93,7 @@ def test_a_signal_stops_the_whole_sweep(toy_base, tmp_path, data_root):
                              "adaptation=full,hybrid", "train.steps=100000", f"hydra.sweep.dir={sweep}"], cwd=ROOT,
                             env=script_env(data_root, full_errors=False), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (sweep / "full" / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until_training(sweep / "full" / "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     try:
         _, stderr = proc.communicate(timeout=60)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from athena.checkpoint import step_files
-from helpers import ONE_THREAD_ENV, ROOT, run_script
+from helpers import ONE_THREAD_ENV, ROOT, run_script, wait_until_training
 
 pytestmark = pytest.mark.slow  # end-to-end runs in subprocesses
 
@@ -86,9 +86,7 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_continue(tmp_path, data_root
     proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), "experiment=smoke", "train.steps=100000",
                              "train.checkpoint_every=null", "train.eval_every=null", f"hydra.run.dir={run_dir}"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run_dir / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until_training(run_dir / "metrics.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
