@@ -5,7 +5,7 @@ They are loaded on first use (module __getattr__), so `import athena.config` (wh
 run before validating a config) and `import athena` import no torch; the first name used loads it.
 """
 
-import importlib
+from athena.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -33,15 +33,4 @@ _EXPORTS = {  # public name -> the module that defines it
     "reset_amrpa_history": "athena.memory.amrpa.inject",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -24,30 +24,19 @@ Names are loaded on first use (module __getattr__): `athena.config` validates a 
 AdapterConfig without importing torch, which keeps `pretrain.py --help` and a bad config fast.
 """
 
-import importlib
+from athena.lazy import lazy_exports
 
 _EXPORTS = {  # public name -> the module that defines it
-    "AdapterConfig": "config", "AdapterConfigError": "config",
-    "Int8Linear": "linear",
-    "AdapterLayer": "base", "adapter_aux_loss": "base", "adapter_parameters": "base", "count_parameters": "base",
-    "PolyAdapter": "poly",
-    "BottleneckAdapter": "bottleneck", "BottleneckWrapper": "bottleneck",
-    "add_adapters": "inject",
-    "HybridAdapterConfig": "hybrid", "add_hybrid_adapter_to_model": "hybrid",
-    "merge_adapters": "merge", "unmerge_adapters": "merge", "merge_and_unload": "merge",
-    "save_adapter": "io", "load_adapter": "io",
-    "quantize_adapter_model": "quantize",
+    "AdapterConfig": ".config", "AdapterConfigError": ".config",
+    "Int8Linear": ".linear",
+    "AdapterLayer": ".base", "adapter_aux_loss": ".base", "adapter_parameters": ".base", "count_parameters": ".base",
+    "PolyAdapter": ".poly",
+    "BottleneckAdapter": ".bottleneck", "BottleneckWrapper": ".bottleneck",
+    "add_adapters": ".inject",
+    "HybridAdapterConfig": ".hybrid", "add_hybrid_adapter_to_model": ".hybrid",
+    "merge_adapters": ".merge", "unmerge_adapters": ".merge", "merge_and_unload": ".merge",
+    "save_adapter": ".io", "load_adapter": ".io",
+    "quantize_adapter_model": ".quantize",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

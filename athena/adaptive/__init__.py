@@ -17,20 +17,13 @@ Layout, each module importing only those above it:
 Names are loaded on first use, so `athena.config` reads ExitConfig without importing torch.
 """
 
-import importlib
+from athena.lazy import lazy_exports
 
 _EXPORTS = {  # public name -> the module that defines it
-    "ExitConfig": "config", "AdaptiveConfigError": "config", "default_exit_layers": "config",
-    "ExitGate": "exit_gates", "CapacityRouter": "capacity_router",
-    "HierarchicalAdaptiveWrapper": "wrapper", "AdaptiveCache": "wrapper", "wrap_model": "wrapper",
-    "search_capacity_for_speedup": "speed", "flop_ceiling": "speed",
+    "ExitConfig": ".config", "AdaptiveConfigError": ".config", "default_exit_layers": ".config",
+    "ExitGate": ".exit_gates", "CapacityRouter": ".capacity_router",
+    "HierarchicalAdaptiveWrapper": ".wrapper", "AdaptiveCache": ".wrapper", "wrap_model": ".wrapper",
+    "search_capacity_for_speedup": ".speed", "flop_ceiling": ".speed",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,24 +8,13 @@ Bayesian optimisation over short trial runs (search.py) or allocated from gradie
 Hydra runs the search as a multirun of pretrain.py through the sweeper in hydra_plugins/athena_autorank.
 """
 
-import importlib
+from athena.lazy import lazy_exports
 
 _EXPORTS = {
-    "RankSpace": "space", "AutoRankError": "space", "Slot": "space", "Target": "space",
-    "AutoRank": "search", "RandomRankSearch": "search", "Trial": "search",
-    "analyze_layer_importance": "importance", "set_dynamic_rank_allocation": "importance",
-    "importance_by_layer": "importance",
+    "RankSpace": ".space", "AutoRankError": ".space", "Slot": ".space", "Target": ".space",
+    "AutoRank": ".search", "RandomRankSearch": ".search", "Trial": ".search",
+    "analyze_layer_importance": ".importance", "set_dynamic_rank_allocation": ".importance",
+    "importance_by_layer": ".importance",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

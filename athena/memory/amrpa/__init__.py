@@ -14,25 +14,14 @@ Names are loaded on first use (module __getattr__): athena.config validates a ru
 without importing torch.
 """
 
-import importlib
+from athena.lazy import lazy_exports
 
 _EXPORTS = {  # public name -> the module that defines it
-    "AMRPAConfig": "config", "AMRPAConfigError": "config", "resolve_layers": "config",
-    "AMRPAMemory": "layer",
-    "inject_amrpa": "inject", "get_amrpa_metrics": "inject", "reset_amrpa_history": "inject",
-    "amrpa_aux_loss": "inject", "amrpa_parameters": "inject", "amrpa_state_dict": "inject", "save_amrpa": "inject",
-    "load_amrpa": "inject",
+    "AMRPAConfig": ".config", "AMRPAConfigError": ".config", "resolve_layers": ".config",
+    "AMRPAMemory": ".layer",
+    "inject_amrpa": ".inject", "get_amrpa_metrics": ".inject", "reset_amrpa_history": ".inject",
+    "amrpa_aux_loss": ".inject", "amrpa_parameters": ".inject", "amrpa_state_dict": ".inject", "save_amrpa": ".inject",
+    "load_amrpa": ".inject",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
