@@ -11,13 +11,12 @@ PolyAdapter, BottleneckAdapter and HybridAdapterConfig take their defaults from 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictInt, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 
-from athena.errors import AthenaError
+from athena.errors import AthenaError, one_line_construction
 
 Method = Literal["lora", "ia3", "moe", "poly", "hybrid"]
 Activation = Literal["gelu", "relu", "silu", "tanh", "identity"]
@@ -82,23 +81,7 @@ class AdapterConfigError(AthenaError, ValueError):
         self.field, self.problem = field, problem if problem is not None else message
 
 
-def _one_line_errors(cls):
-    """Make construction raise AdapterConfigError (one line, the first problem) instead of pydantic's multi-line
-    ValidationError, which is what plain-Python users and the trainer catch."""
-    validating_init = cls.__init__
-
-    @functools.wraps(validating_init)
-    def __init__(self, *args, **kwargs):
-        try:
-            validating_init(self, *args, **kwargs)
-        except ValidationError as error:
-            raise _describe(error) from None
-
-    cls.__init__ = __init__
-    return cls
-
-
-@_one_line_errors
+@one_line_construction(lambda error: _describe(error))  # _describe: defined below the class
 @dataclass(config=ConfigDict(extra="forbid"))
 class AdapterConfig:
     method: Method = "lora"

@@ -12,14 +12,13 @@ or an explicit list of indices ([8, 9, 10, 11]; negative ones count from the end
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, ValidationError
 from pydantic.dataclasses import dataclass
 
-from athena.errors import ConfigError
+from athena.errors import ConfigError, one_line_construction
 
 GateActivation = Literal["sigmoid", "hard_sigmoid", "tanh"]
 GATE_ACTIVATIONS: tuple[str, ...] = get_args(GateActivation)
@@ -58,22 +57,7 @@ LayerPattern = Annotated[str | list[int], BeforeValidator(_layer_pattern)]
 UnitInterval = Annotated[float, Field(ge=0, le=1)]
 
 
-def _one_line_errors(cls):
-    """Construction raises AMRPAConfigError (one line, the first problem) instead of pydantic's multi-line error."""
-    validating_init = cls.__init__
-
-    @functools.wraps(validating_init)
-    def __init__(self, *args, **kwargs):
-        try:
-            validating_init(self, *args, **kwargs)
-        except ValidationError as error:
-            raise _describe(error) from None
-
-    cls.__init__ = __init__
-    return cls
-
-
-@_one_line_errors
+@one_line_construction(lambda error: _describe(error))  # _describe: defined below the class
 @dataclass(config=ConfigDict(extra="forbid"))
 class AMRPAConfig:
     # The memory: each targeted layer remembers the attention patterns of up to max_window_size earlier layers.
