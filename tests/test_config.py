@@ -118,3 +118,18 @@ def test_builder_targets_import():
         target = composed(f"data={option}")["data"]["build"]["_target_"]
         module, _, name = target.rpartition(".")
         assert callable(getattr(importlib.import_module(module), name))
+
+
+@pytest.mark.parametrize("overrides, task, evaluator", [
+    (["arch=smollm2", "data=text"], "CausalLMTask", "PerplexityEvaluator"),
+    (["arch=hf_causal_lm", "data=text_tiny"], "CausalLMTask", "PerplexityEvaluator"),
+    (["arch=smollm2", "data=sft_wordnet_gloss", "evaluator=lm_eval", "evaluator.tasks=[wordnet_gloss]"],
+     "CausalLMTask", "LMEvalEvaluator"),
+    (["data=sudoku6"], "TRMTask", "PuzzleEvaluator"),
+])
+def test_the_data_picks_the_task_and_evaluator_it_needs(overrides, task, evaluator):
+    """Text data trains a causal LM (and the corpus is scored by perplexity) without naming the task, as ARC data
+    picks its evaluator; an explicit option on the command line still wins."""
+    cfg = composed(*overrides)
+    assert (cfg["task"]["_target_"].rsplit(".", 1)[1], cfg["evaluator"]["_target_"].rsplit(".", 1)[1]) == (task,
+                                                                                                         evaluator)
