@@ -8,6 +8,8 @@ from athena.adaptive.wrapper import HierarchicalAdaptiveWrapper
 from athena.training.callback_base import Callback
 
 if TYPE_CHECKING:
+    import torch
+
     from athena.config import RunConfig
 
 
@@ -20,7 +22,7 @@ class ExitCallback(Callback):
     name = "exit"
 
     def __init__(self):
-        self.window: dict[str, float] = {}
+        self.window: dict[str, float | torch.Tensor] = {}
         self.forwards = 0
 
     def aux_losses(self, model, fraction):
@@ -45,15 +47,16 @@ class ExitCallback(Callback):
         add["exit/mean_depth"] = add.get("exit/mean_depth", 0.0) + mean_depth
         for i, share in enumerate(stats.realised_capacity):
             add[f"exit/capacity_{i}"] = add.get(f"exit/capacity_{i}", 0.0) + share
+        # Router loads and z-losses stay device tensors until the log step: a float() here would wait for the GPU
+        # once per layer and micro-batch.
         for i, load in enumerate(stats.router_load):
-            add[f"exit/router_load_{i}"] = add.get(f"exit/router_load_{i}", 0.0) + float(load)
+            add[f"exit/router_load_{i}"] = add.get(f"exit/router_load_{i}", 0.0) + load
         if stats.z_loss:
-            z_loss = float(sum(stats.z_loss)) / len(stats.z_loss)
-            add["exit/router_z_loss"] = add.get("exit/router_z_loss", 0.0) + z_loss
+            add["exit/router_z_loss"] = add.get("exit/router_z_loss", 0.0) + sum(stats.z_loss) / len(stats.z_loss)
         self.forwards += 1
 
     def on_log(self, step, metrics):
-        out = {key: value / max(self.forwards, 1) for key, value in self.window.items()}
+        out = {key: float(value) / max(self.forwards, 1) for key, value in self.window.items()}
         self.window, self.forwards = {}, 0
         return out
 
