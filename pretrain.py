@@ -45,9 +45,10 @@ def main(cfg: DictConfig) -> float:
     recipe = PretrainRecipe(run_cfg, run_dir)
     try:
         try:
-            recipe.setup()
-            recipe.train()
-            report = recipe.finish()
+            with recipe.signals_stop_now():  # set-up and final evaluation; the loop saves a checkpoint instead
+                recipe.setup()
+                recipe.train()
+                report = recipe.finish()
         finally:
             recipe.close()  # destroys the torchrun process group, if any, and unlocks the run folder
     except TrainingStopped as error:  # a signal stops the program, every job of a multirun with it

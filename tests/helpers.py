@@ -97,9 +97,9 @@ def make_batch(batch_size: int, seed: int) -> dict[str, torch.Tensor]:
 
 
 def wait_until_training(metrics: Path, timeout: float = 120) -> None:
-    """Return once metrics.jsonl holds a logged training step: the loop, which catches SIGTERM/SIGINT, is running.
-    The file alone exists from setup on, before the handler is in place, and a signal then ends the process without
-    a word (seen once under load)."""
+    """Return once metrics.jsonl holds a logged training step: the loop, which saves a checkpoint on SIGTERM/SIGINT,
+    is running. The file alone exists from set-up on, and a signal then stops the run before any step (with its own
+    line, tests/training/test_signal_outside_loop.py), not with the checkpoint a test waits for."""
     deadline = time.time() + timeout
     while not (metrics.exists() and '"train/' in metrics.read_text()) and time.time() < deadline:
         time.sleep(0.05)

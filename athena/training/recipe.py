@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -56,6 +57,17 @@ class TrainingStopped(AthenaError):
     """SIGTERM/Ctrl-C: a checkpoint was saved and the run stopped on purpose."""
 
 
+def _default_signal(signum, frame, handler) -> None:
+    """What `handler` (a signal's earlier disposition) does: call it, ignore the signal, or its default action."""
+    if callable(handler):
+        return handler(signum, frame)
+    if handler == signal.SIG_IGN:
+        return None
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return None
+
+
 class PretrainRecipe:
     def __init__(self, cfg: RunConfig, run_dir: Path):
         self.cfg = cfg
@@ -68,6 +80,7 @@ class PretrainRecipe:
         self._stop_requested = False
         self.lock: RunFolderLock | None = None
         self.saved_step: int | None = None  # the step whose state this run's folder holds as last.pt
+        self.finishing = False  # in finish(): the final save and evaluation
         self.step_sums: dict[str, torch.Tensor] = {}  # the last step's metric sums (callbacks read them)
 
     # ----------------------------------------------------------------- setup
@@ -323,6 +336,36 @@ class PretrainRecipe:
         self._stop_requested = True
 
     @contextmanager
+    def signals_stop_now(self):
+        """Outside the training loop (set-up, the final evaluation) there is no step to finish: SIGTERM / Ctrl-C stop
+        the run at once, with one line saying what is kept. Inside it the loop's own handler (_signals_saved) takes
+        over and restores this one after."""
+
+        owner = os.getpid()
+
+        def stop(signum, frame):
+            if os.getpid() != owner:  # a forked worker (the dataset builder's pool, which terminate() ends with
+                return _default_signal(signum, frame, previous[signum])  # SIGTERM) keeps the default behaviour
+            raise TrainingStopped(self._stopped_outside_the_loop(signal.Signals(signum).name))
+
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _stopped_outside_the_loop(self, name: str) -> str:
+        last = self.checkpoint_dir / "last.pt"
+        if self.finishing and self.saved_step == self.step:
+            return (f"stopped by {name} during the final evaluation; the weights of step {self.step} are saved: "
+                    f"evaluate them with python evaluate.py checkpoint={last}")
+        if self.finishing or self.step:  # the final save cut off (its temp file goes at the next start), or resumed
+            return (f"stopped by {name} before step {self.step} was saved or continued; what the folder holds is "
+                    f"kept: continue with resume=auto hydra.run.dir={self.run_dir}")
+        return f"stopped by {name} during set-up, before any training step; nothing to keep: run the command again"
+
+    @contextmanager
     def _signals_saved(self):
         """SIGTERM / Ctrl-C ask for a checkpoint after the current step instead of killing the run."""
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -430,6 +473,7 @@ class PretrainRecipe:
         """Full test split with the EMA weights; eval/final.json, plots, callbacks' last word, a last checkpoint."""
         # Every rank knows what this run saved, so all take part in save()'s gather and barrier or none does. (Not
         # "step_N.pt exists": a file from an earlier attempt that diverged after it is not this run's state.)
+        self.finishing = True
         if self.saved_step != self.step:
             self.save()
         report = self.evaluate(max_examples=None, progress=self.is_main)  # every rank: its shard, sums all-reduced
