@@ -58,7 +58,8 @@ class RecursionMemory(nn.Module):
 
     def start(self) -> None:
         """A new supervision step: nothing remembered, no metrics, no regularisers yet."""
-        self.history: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.amrpa))}
+        self.history: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(self.amrpa))}  # the last W, per layer
+        self.applications = [0] * len(self.amrpa)  # per layer, in this step
         self.step_metrics: dict[int, list[dict[str, torch.Tensor]]] = {i: [] for i in range(len(self.amrpa))}
         for memory in self.amrpa.values():
             memory.pending_losses = []
@@ -74,16 +75,18 @@ class RecursionMemory(nn.Module):
         used = own
         if history:
             memory: AMRPAMemory = self.amrpa[str(layer)]
-            remembered = [None] * (self.window - len(history[-self.window:])) + history[-self.window:]
+            remembered = [None] * (self.window - len(history)) + history
             before = memory.pending_losses
             used = memory(own, remembered, None, hidden)
             if memory.pending_losses is not before:  # a training call with gradients: keep every application's
                 memory.pending_losses = before + memory.pending_losses
             self.step_metrics[layer].append(memory.last_metrics)
         history.append(used)
+        del history[:-self.window]  # older patterns are never read again: not kept alive
         if self.trace is not None:
-            self.trace.append({"layer": layer, "t": len(history) - 1, "hidden": hidden.detach(), "own": own.detach(),
-                               "used": used.detach()})
+            self.trace.append({"layer": layer, "t": self.applications[layer], "hidden": hidden.detach(),
+                               "own": own.detach(), "used": used.detach()})
+        self.applications[layer] += 1
         return torch.matmul(used.to(v.dtype), v)
 
     def finish(self, loss: torch.Tensor, batch_size: int) -> torch.Tensor:
