@@ -1,5 +1,5 @@
-"""AMRPA across TRM's recursion (issue 19, TRM half): TRM with the attention mixer on Sudoku, with and without the memory
-(arch.amrpa_window), at equal recursion compute: the same H/L cycles, supervision steps, optimizer steps, batch,
+"""AMRPA across TRM's recursion (issue 19, TRM half): TRM with the attention mixer on Sudoku, with and without the
+memory (arch.amrpa_window), at equal recursion compute: the same H/L cycles, supervision steps, optimizer steps, batch,
 learning rate and seed; only the memory differs. Several seeds. Arms: `attention` (no memory), `attention + amrpa`
 (the memory with its defaults: gate strength starting at 0, the model starts as the one without), and in full mode
 `... open` (gate strength starting at 1: the memory mixes in from the first step).

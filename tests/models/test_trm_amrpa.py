@@ -4,7 +4,6 @@ gradients reach the memory, bad options are one line, and a tiny model with the 
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess

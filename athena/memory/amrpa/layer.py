@@ -99,8 +99,8 @@ class AMRPAMemory(nn.Module):
     def forward(self, probs: torch.Tensor, history: list[torch.Tensor], allowed: torch.Tensor | None,
                 hidden: torch.Tensor) -> torch.Tensor:
         """A' from the layer's own pattern `probs` (float32, (batch, heads, queries, keys)), the W remembered patterns
-        (oldest first, same shape; None where nothing is remembered), the keys each query may see (bool, broadcastable; None: all) and the hidden state
-        that entered the attention module (batch, queries, hidden)."""
+        (oldest first, same shape; None where nothing is remembered), the keys each query may see (bool,
+        broadcastable; None: all) and the hidden state that entered the attention module (batch, queries, hidden)."""
         alpha = self.selection(hidden)
         weights = alpha * self.decay.view(1, 1, 1, -1)  # (batch, heads, queries, W)
         memory = torch.zeros_like(probs)
