@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this tree's athena, not an installed one
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 AMRPA_METRICS = ("gate_mean", "gate_impact", "alpha_diversity", "memory_similarity", "gate_strength")
@@ -87,6 +88,51 @@ def run_one(overrides: list[str], run_dir: Path, out: Path) -> None:
     out.write_text(json.dumps(run_and_close(set_up(overrides, run_dir), work), indent=2))
 
 
+def interleaved_step_ms(args, seq_len: int) -> dict[str, float]:
+    """Median training-step time of the arms' models built side by side and stepped in turn (4 rounds of 6 steps, the
+    first 2 left out) on random Sudoku-shaped batches: on a shared machine the runs' own step times see different
+    loads, this sees the same. The default-width selection MLP (384) is timed too."""
+    import torch
+
+    from athena.models.trm import TinyRecursiveModel
+
+    memory = {"amrpa_window": args.window, "amrpa_decay": args.decay}
+    variants = {"attention": {}, f"amrpa W={args.window} (selection MLP {args.alpha_hidden})":
+                {**memory, "amrpa_alpha_mlp_hidden": args.alpha_hidden},
+                f"amrpa W={args.window} (selection MLP 384, default)": memory}
+    rounds, steps = (2, 3) if args.toy else (4, 6)
+    state, times = {}, {name: [] for name in variants}
+    for name, kw in variants.items():
+        torch.manual_seed(0)
+        model = TinyRecursiveModel(8, seq_len, 1, hidden_size=64, num_heads=2, num_layers=2, H_cycles=2, L_cycles=3,
+                                   halt_max_steps=8, puzzle_emb_len=0, mixer="attention", **kw).train()
+        batch = {"inputs": torch.randint(1, 8, (args.batch, seq_len)), "labels": torch.randint(1, 8, (args.batch,
+                 seq_len)), "puzzle_identifiers": torch.zeros(args.batch, dtype=torch.long)}
+        state[name] = [model, torch.optim.Adam(model.parameters()), batch, model.initial_carry(batch)]
+    for round_ in range(rounds):
+        for name, item in state.items():
+            model, optimizer, batch = item[:3]
+            for i in range(steps):
+                start = time.perf_counter()
+                item[3], out = model(item[3], batch)
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                if round_ > 0 or i > 1:
+                    times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def summary(values: list[float | None]) -> dict:
     values = [v for v in values if v is not None]
     if not values:
@@ -109,6 +155,11 @@ def markdown(result: dict) -> str:
                      f"{fmt(arm['step_ms'], 1, 0)} | {fmt(arm['peak_mem_mb'], 1, 0)} | {arm['parameters']} | "
                      f"{fmt(arm['gate_mean'], 1, 3)} | {fmt(arm['gate_impact'], 1, 3)} | "
                      f"{fmt(arm['alpha_diversity'], 1, 3)} |")
+    if result.get("interleaved_step_ms"):
+        base = result["interleaved_step_ms"]["attention"]
+        lines += ["", f"Step time, the arms' models stepped in turn in one process (batch {result['batch']}, the same "
+                  "load): " + "; ".join(f"{name} {ms:.0f} ms ({ms / base:.2f}x)" for name, ms in
+                              result["interleaved_step_ms"].items())]
     lines += ["", "Per seed (test token accuracy): " + "; ".join(
         f"{r['arm']} seed {r['seed']}: {100 * r['token_accuracy']:.1f}%" for r in result["runs"]
         if r.get("token_accuracy") is not None), "", f"Command: `{result['command']}`"]
@@ -124,11 +175,12 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, run in enumerate(result["runs"]):
+    colours = {name: f"C{i}" for i, name in enumerate(result["summary"])}
+    for run in result["runs"]:
         curve = [c for c in run.get("curve", []) if c["accuracy"] is not None]
         if curve:
-            ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve],
-                    color="C0" if run["arm"] == "attention" else "C1", alpha=0.7,
+            ax.plot([c["step"] for c in curve], [c["accuracy"] for c in curve], color=colours[run["arm"]], alpha=0.8,
+                    linestyle="-" if run["seed"] == result["seeds"][0] else "--",
                     label=f"{run['arm']} (seed {run['seed']})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train token accuracy (halted slots)")
@@ -156,6 +208,8 @@ def main() -> None:
                         help="also run the memory with its gate strength starting at 1 (open; default: full mode)")
     parser.add_argument("--log-every", type=int, default=None)
     parser.add_argument("--name", default="amrpa_trm", help="file stem of the outputs")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the interleaved step timing, added to an existing <out>/<name>.json")
     parser.add_argument("--one", nargs=3, metavar=("OVERRIDES_JSON", "RUN_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -171,14 +225,17 @@ def main() -> None:
     runs_dir = args.out / f"{args.name}_runs"
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu") + " CPU"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({cpu_name()})"
     result = {"device": device, "threads": torch.get_num_threads(), "torch": torch.__version__, "toy": args.toy,
               "data": "sudoku4" if args.toy else args.data, "steps": args.steps, "batch": args.batch, "lr": args.lr,
               "seeds": args.seeds, "window": args.window, "decay": args.decay, "alpha_mlp_hidden": args.alpha_hidden,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python bench/amrpa_trm.py " + " ".join(sys.argv[1:]), "runs": [], "summary": {}}
     path = args.out / f"{args.name}.json"
-    for seed in args.seeds:  # seed-major: a cut-short study still has both arms of its first seeds
+    seq_len = 16 if args.toy else {"sudoku4": 16, "sudoku6": 36, "sudoku": 81}.get(args.data, 36)
+    if args.timing_only:
+        result = json.loads(path.read_text())
+    for seed in args.seeds if not args.timing_only else []:  # seed-major: a cut-short study keeps whole seeds
         for i, (name, extra) in enumerate(arms(args)):
             run_dir = runs_dir / f"seed{seed}_{i}"
             overrides = base_overrides(args) + extra + [f"seed={seed}"]
@@ -195,6 +252,9 @@ def main() -> None:
                          record["exact_accuracy"], record["step_ms"] or float("nan"))
             result["summary"] = summarise(result["runs"])
             path.write_text(json.dumps(result, indent=2))  # what finished, if a later one fails
+    result["interleaved_step_ms"] = interleaved_step_ms(args, seq_len)
+    result["interleaved_command"] = "python bench/amrpa_trm.py " + " ".join(sys.argv[1:])
+    path.write_text(json.dumps(result, indent=2))
     (args.out / f"{args.name}.md").write_text(markdown(result))
     plot(result, args.out / f"{args.name}.png")
     print(markdown(result))

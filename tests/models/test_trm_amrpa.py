@@ -208,3 +208,6 @@ def test_study_script_runs_at_toy_size(tmp_path, data_root):
     for run in (plain, memory):
         assert 0 <= run["token_accuracy"] <= 1 and run["step_ms"] > 0 and run["peak_mem_mb"] > 0
     assert "| attention + amrpa W=4 |" in (tmp_path / "amrpa_trm.md").read_text()
+    assert set(result["interleaved_step_ms"]) == {"attention", "amrpa W=4 (selection MLP 64)",
+                                                  "amrpa W=4 (selection MLP 384, default)"}
+    assert all(ms > 0 for ms in result["interleaved_step_ms"].values())
