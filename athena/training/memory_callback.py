@@ -31,4 +31,7 @@ class AMRPACallback(Callback):
 
 
 def amrpa_callback(cfg: RunConfig) -> Callback | None:
-    return AMRPACallback() if cfg.memory.name != "none" else None
+    # TRM's arch.amrpa_window (memory across the recursion) adds its regularisers to the model's loss itself (none is
+    # pending here then); the callback logs its metrics.
+    recursion = getattr(cfg.arch_config, "amrpa_window", 0)
+    return AMRPACallback() if cfg.memory.name != "none" or recursion else None

@@ -100,7 +100,7 @@ def _check_model(model: nn.Module):
     hf_config = getattr(model, "config", None)
     if hf_config is None or not hasattr(hf_config, "model_type"):
         raise AMRPAConfigError(f"inject_amrpa needs a Hugging Face transformers model; got {type(model).__name__} "
-                               "(TRM's recursion memory is not built yet)")
+                               "(for TRM: arch.amrpa_window, the memory across its recursion)")
     if getattr(hf_config, "is_encoder_decoder", False):
         raise AMRPAConfigError(f"inject_amrpa supports encoders and decoders, not encoder-decoders like "
                                f"{hf_config.model_type} (its encoder, decoder and cross attention have patterns of "

@@ -99,12 +99,14 @@ class AMRPAMemory(nn.Module):
     def forward(self, probs: torch.Tensor, history: list[torch.Tensor], allowed: torch.Tensor | None,
                 hidden: torch.Tensor) -> torch.Tensor:
         """A' from the layer's own pattern `probs` (float32, (batch, heads, queries, keys)), the W remembered patterns
-        (oldest first, same shape), the keys each query may see (bool, broadcastable; None: all) and the hidden state
-        that entered the attention module (batch, queries, hidden)."""
+        (oldest first, same shape; None where nothing is remembered), the keys each query may see (bool,
+        broadcastable; None: all) and the hidden state that entered the attention module (batch, queries, hidden)."""
         alpha = self.selection(hidden)
         weights = alpha * self.decay.view(1, 1, 1, -1)  # (batch, heads, queries, W)
         memory = torch.zeros_like(probs)
         for w, pattern in enumerate(history):
+            if pattern is None:  # nothing remembered there (TRM: before the supervision step's first applications)
+                continue
             if self.training and self.noise > 0:  # fading ink: what is remembered is a little off
                 pattern = pattern + self.noise * torch.randn_like(pattern)
             memory = memory + weights[..., w, None] * pattern

@@ -11,6 +11,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from athena.memory.amrpa.config import AMRPAConfig
+
+_AMRPA = AMRPAConfig()  # the amrpa_* defaults are AMRPA's own
+
 MIXERS = ("attention", "mlp")
 LOSS_TYPES = ("stablemax", "softmax")
 STREAM_DTYPES = ("float32", "autocast")
@@ -40,6 +44,13 @@ class TRMConfig(BaseModel):
     # "autocast": the states y, z and the residual stream in the autocast dtype (bf16 on GPU), as the official
     # TRM's forward_dtype; "float32": only the matmuls autocast. Without autocast both are the same.
     stream_dtype: Literal["float32", "autocast"] = "autocast"
+    # AMRPA memory across the recursion (mixer=attention; athena/models/trm/attention_memory.py): each layer's attention
+    # at an application of the shared net remembers the patterns it attended with at its amrpa_window previous
+    # applications in this supervision step. 0: off (SDPA). The other AMRPA knobs keep AMRPAConfig's defaults.
+    amrpa_window: int = Field(default=0, ge=0)
+    amrpa_decay: float = Field(default=_AMRPA.memory_decay, gt=0, le=1)  # weight gamma**distance (in applications)
+    amrpa_gate_init_strength: float = Field(default=_AMRPA.gate_init_strength, ge=0, le=1)  # 0: starts as without
+    amrpa_alpha_mlp_hidden: int = Field(default=_AMRPA.alpha_mlp_hidden, gt=0)  # width of the selection MLP
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> TRMConfig:
@@ -49,6 +60,12 @@ class TRMConfig(BaseModel):
             if (self.hidden_size // self.num_heads) % 2:
                 raise ValueError(f"head size hidden_size/num_heads = {self.hidden_size // self.num_heads} must be "
                                  "even (rotary embeddings rotate pairs)")
+        if self.amrpa_window and self.mixer != "attention":
+            raise ValueError(f"amrpa_window={self.amrpa_window} needs mixer=attention (mixer={self.mixer} has no "
+                             "attention pattern to remember); set amrpa_window=0 or mixer=attention")
+        if self.amrpa_window and self.gradient_checkpointing:
+            raise ValueError("amrpa_window does not work with gradient_checkpointing (the recomputed attention would "
+                             "be remembered twice); turn one off")
         if self.puzzle_emb_len and self.puzzle_table_dim > self.puzzle_emb_len * self.hidden_size:
             raise ValueError(f"puzzle_emb_dim {self.puzzle_table_dim} is more than puzzle_emb_len * hidden_size = "
                              f"{self.puzzle_emb_len * self.hidden_size}")

@@ -87,6 +87,9 @@ class Attention(nn.Module):
         self.head_dim = hidden_size // num_heads
         self.qkv_proj = Linear(hidden_size, 3 * hidden_size)
         self.o_proj = Linear(hidden_size, hidden_size)
+        # arch.amrpa_window > 0: attention_memory.RecursionMemory's hook (a plain callable, its weights live there),
+        # attention through explicit probabilities mixed with this layer's patterns at earlier recursion steps.
+        self.memory = None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         B, L, D = x.shape
@@ -95,7 +98,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, head_dim)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=False)
+        if self.memory is not None:
+            y = self.memory(q, k, v, x)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=False)
         y = y.transpose(1, 2).reshape(B, L, D)  # (batch, seq, hidden)
         return self.o_proj(y)
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 
+from athena.models.trm.attention_memory import RecursionMemory
 from athena.models.trm.carry import SupervisionCarry, SupervisionOutput
 from athena.models.trm.config import TRMConfig
 from athena.models.trm.layers import Block, Linear, RotaryEmbedding, trunc_normal_
@@ -107,6 +108,8 @@ class TinyRecursiveModel(nn.Module):
         with torch.no_grad():
             self.q_head.weight.zero_()
             self.q_head.bias.fill_(-5.0)
+        # Built last, so the weights above draw the same random numbers as without it.
+        self.recursion_memory = RecursionMemory(self.net, config) if config.amrpa_window else None
 
     # ---- forward pieces, in data-flow order ----
 
@@ -137,6 +140,8 @@ class TinyRecursiveModel(nn.Module):
     def recurse(self, z_H: torch.Tensor, z_L: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One supervision step of recursion; only the last H cycle is differentiated (TRM's 1-step gradient)."""
         cos, sin = self.rotary() if self.rotary is not None else (None, None)
+        if self.recursion_memory is not None:
+            self.recursion_memory.start()  # each supervision step remembers only its own applications
         with torch.no_grad():
             for _ in range(self.H_cycles - 1):
                 for _ in range(self.L_cycles):
@@ -186,6 +191,8 @@ class TinyRecursiveModel(nn.Module):
         loss, metrics = deep_supervision_loss(
             logits, data["labels"], q_halt_logits, halted, steps, self.loss_type, self.halt_loss_weight
         )
+        if self.recursion_memory is not None:  # AMRPA's regularisers (diversity, gate) join the loss
+            loss = self.recursion_memory.finish(loss, logits.shape[0])
         new_carry = SupervisionCarry(z_H.detach(), z_L.detach(), steps, halted, data)
         return new_carry, SupervisionOutput(loss, metrics, logits, q_halt_logits)
 
