@@ -40,6 +40,11 @@ class TRMConfig(BaseModel):
     # "autocast": the states y, z and the residual stream in the autocast dtype (bf16 on GPU), as the official
     # TRM's forward_dtype; "float32": only the matmuls autocast. Without autocast both are the same.
     stream_dtype: Literal["float32", "autocast"] = "autocast"
+    # Capacity routing of each block's channel FFN (athena/models/trm/routing.py): the share of positions per
+    # sequence and application that run it; 1.0 = dense, no routers. z-loss weight as ST-MoE; entropy optional.
+    ffn_capacity: float = Field(default=1.0, gt=0, le=1)
+    router_z_loss_weight: float = Field(default=1e-3, ge=0)
+    router_entropy_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> TRMConfig:
