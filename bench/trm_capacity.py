@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/trm_capacity.py --out docs/results/adaptive      # trm_small, sudoku6
     python bench/trm_capacity.py --toy --out /tmp/trm_capacity_toy                            # seconds, plumbing
+    ... --seeds 1 --add-to docs/results/adaptive/trm_capacity_cpu_<date>.json    # another seed, same timing
 
 Per capacity (and seed), in this order:
 1. training: `pretrain.py arch=trm_small data=sudoku6 arch.ffn_capacity=c seed=s` in a subprocess with the default
@@ -266,6 +267,8 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=ROOT / "data")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per capacity (default 7; toy 2)")
     parser.add_argument("--skip-training", action="store_true", help="timing and FLOPs only")
+    parser.add_argument("--add-to", type=Path, default=None,
+                        help="an earlier record (its .json): add these runs (e.g. another seed) to it, keep its timing")
     args = parser.parse_args()
 
     capacities = [float(c) for c in args.capacities.split(",")]
@@ -281,20 +284,31 @@ def main() -> None:
     stem = f"trm_capacity{'_toy' if args.toy else ''}_cpu_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs_dir or ROOT / "outputs" / stem
-    result = {
-        "partial": True, "device": "CPU", "date": date, "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}", "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "command": "python " + " ".join(sys.argv),
-        "arch": arch, "data": "sudoku4 (toy)" if args.toy else "sudoku6", "seeds": seeds,
-        "steps": args.steps or (None if args.toy else 1000), "train_batch": train_batch, "eval_batch": eval_batch,
-        "repeats": repeats, "warmup": warmup, "runs": [],
-    }
-    # Timing first (a few minutes at most): a study cut short by a deadline still has its speed columns.
-    timings = measure(arch, sorted({*capacities, NO_FFN}, reverse=True), seq_len, vocab, train_batch, eval_batch,
-                      repeats, warmup)
-    result["timings"] = {str(c): t for c, t in timings.items()}
-    print("[trm_capacity] timing (ms, median): " + ", ".join(
-        f"c={c}: train {t['train_step_ms']:.1f}, eval {t['eval_batch_ms']:.1f}" for c, t in timings.items()), flush=True)
+    if args.add_to is not None:  # more runs for an earlier record: same timing, same files
+        result = json.loads(args.add_to.read_text())
+        stem, args.out = args.add_to.stem, args.add_to.parent
+        result["partial"] = True
+        result["seeds"] = sorted({*result["seeds"], *seeds})
+        result["command"] += " ; python " + " ".join(sys.argv)
+        timings = {float(c): t for c, t in result["timings"].items()}
+        arch = result["arch"]
+        runs_dir = args.runs_dir or ROOT / "outputs" / stem
+    else:
+        result = {
+            "partial": True, "device": "CPU", "date": date, "machine": f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}", "threads": torch.get_num_threads(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "command": "python " + " ".join(sys.argv),
+            "arch": arch, "data": "sudoku4 (toy)" if args.toy else "sudoku6", "seeds": seeds,
+            "steps": args.steps or (None if args.toy else 1000), "train_batch": train_batch, "eval_batch": eval_batch,
+            "repeats": repeats, "warmup": warmup, "runs": [],
+        }
+        # Timing first (a few minutes at most): a study cut short by a deadline still has its speed columns.
+        timings = measure(arch, sorted({*capacities, NO_FFN}, reverse=True), seq_len, vocab, train_batch,
+                          eval_batch, repeats, warmup)
+        result["timings"] = {str(c): t for c, t in timings.items()}
+        print("[trm_capacity] timing (ms, median): " + ", ".join(
+            f"c={c}: train {t['train_step_ms']:.1f}, eval {t['eval_batch_ms']:.1f}" for c, t in timings.items()),
+            flush=True)
     if args.skip_training:
         result["runs"] = [{"capacity": c, "seed": None, "exact_accuracy": float("nan"),
                            "exact_accuracy_at_halt": float("nan"), "mean_halt_steps": float("nan"),
