@@ -199,14 +199,14 @@ class TinyRecursiveModel(nn.Module):
         """Capacity routing (ffn_capacity < 1): the routers' aux losses of this step's grad-enabled applications
         join the loss (weighted per sample: the loss is a sum over the batch), their means and the realised
         capacity join the metrics (logged as means per step)."""
-        z_losses, entropies, realised = [], [], []
+        z_losses, entropies = [], []
         for router in self.routers:
-            z, entropy, share = router.take_aux()
-            realised.append(share)
+            z, entropy = router.take_aux()
             if z is not None:
                 z_losses.append(z)
                 entropies.append(entropy)
-        metrics["realised_capacity"] = torch.tensor(sum(realised) / len(realised), device=loss.device)
+        realised = sum(router.realised_capacity(self.total_len) for router in self.routers) / len(self.routers)
+        metrics["realised_capacity"] = torch.tensor(realised, device=loss.device)
         if z_losses:
             z, entropy = torch.stack(z_losses).mean(), torch.stack(entropies).mean()
             cfg = self.config

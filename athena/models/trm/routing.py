@@ -45,14 +45,10 @@ class RoutedFFN(nn.Module):
         self.capacity = capacity
         self.router = CapacityRouter(hidden_size)
         self._scores: list[torch.Tensor] = []  # scores of grad-enabled applications since the last take_aux()
-        self.routed = 0  # positions that ran the FFN / that were offered to it, since the last take_aux()
-        self.offered = 0
 
     def forward(self, h: torch.Tensor, mlp: nn.Module, norm: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         B, L, D = h.shape  # (batch, seq, hidden)
         k = routed_count(self.capacity, L)
-        self.routed += B * k
-        self.offered += B * L
         if k == 0:
             return h
         scores = self.router.scores(h)  # (B, L) float32
@@ -68,15 +64,19 @@ class RoutedFFN(nn.Module):
             y = straight_through_scale(y, torch.sigmoid(scores.flatten()[selected]))
         return flat.index_copy(0, selected, norm(rows + y)).view(B, L, D)
 
-    def take_aux(self) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-        """(mean z-loss, mean binary entropy) over the grad-enabled applications since the last call (None if
-        there were none), and the realised capacity (routed / offered positions); resets the bookkeeping."""
-        realised = self.routed / max(self.offered, 1)
-        scores, self._scores, self.routed, self.offered = self._scores, [], 0, 0
+    def realised_capacity(self, positions: int) -> float:
+        """The share of a sequence's positions each application routes: round(c x positions) / positions, exactly
+        (top-k always fills its k; the tests count the rows reaching the FFN). Known on the host: no counters in
+        the forward, which torch.compile would guard on and recompile for."""
+        return routed_count(self.capacity, positions) / positions
+
+    def take_aux(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(mean z-loss, mean binary entropy) over the grad-enabled applications since the last call; (None, None)
+        if there were none. Forgets them."""
+        scores, self._scores = self._scores, []
         if not scores:
-            return None, None, realised
-        z_loss, entropy = CapacityRouter.aux_losses(torch.stack(scores))
-        return z_loss, entropy, realised
+            return None, None
+        return CapacityRouter.aux_losses(torch.stack(scores))
 
     def extra_repr(self) -> str:
         return f"capacity={self.capacity}"
