@@ -272,8 +272,8 @@ def main() -> None:
     args = parser.parse_args()
 
     capacities = [float(c) for c in args.capacities.split(",")]
-    if 1.0 not in capacities:
-        capacities = [1.0, *capacities]  # the dense reference of every speedup
+    if 1.0 not in capacities and args.add_to is None:
+        capacities = [1.0, *capacities]  # the dense reference of every speedup (an --add-to record has it)
     seeds = [int(s) for s in args.seeds.split(",")]
     arch = TOY_ARCH if args.toy else TRM_SMALL
     seq_len, vocab = (16, 6) if args.toy else (36, 8)  # sudoku4 / sudoku6: cells, pad + digits (+1)
