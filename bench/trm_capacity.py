@@ -179,21 +179,24 @@ def write_report(result: dict, out: Path, stem: str) -> None:
              f"({result['arch']['halt_max_steps']} supervision steps), median of {result['repeats']} after "
              f"{result['warmup']} warm-up, capacities interleaved.", "",
              "| capacity | realised | exact acc (all steps) | exact acc @ Q halt | mean halt steps | train step ms "
-             "| speedup | FLOP ceiling | eval batch ms | speedup | FLOP ceiling | FLOPs removed (train) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| speedup | FLOP ceiling | eval batch ms | speedup | FLOP ceiling | FLOPs removed (train) "
+             "| eval ms to the Q halt |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['capacity']} | {r['realised_capacity']:.3f} | {fmt_runs(r, 'exact_accuracy')} | "
             f"{fmt_runs(r, 'exact_accuracy_at_halt')} | {fmt_runs(r, 'mean_halt_steps', pct=False)} | "
             f"{r['train_step_ms']:.1f} | {r['train_speedup']:.3f}x | {r['train_flop_ceiling']:.3f}x | "
             f"{r['eval_batch_ms']:.1f} | {r['eval_speedup']:.3f}x | {r['eval_flop_ceiling']:.3f}x | "
-            f"{100 * r['flop_share_removed_train']:.1f}% |")
+            f"{100 * r['flop_share_removed_train']:.1f}% | {r['eval_ms_to_halt']:.0f} |")
     no_ffn = result["no_ffn"]
     lines += ["", f"No FFN at all (k = 0 positions routed; the time ceiling of FFN skipping as c -> 0): train step "
               f"{no_ffn['train_step_ms']:.1f} ms ({no_ffn['train_speedup']:.3f}x), eval batch "
               f"{no_ffn['eval_batch_ms']:.1f} ms ({no_ffn['eval_speedup']:.3f}x); FLOP ceiling "
               f"{no_ffn['train_flop_ceiling']:.3f}x / {no_ffn['eval_flop_ceiling']:.3f}x. "
-              f"The FFN is {100 * result['ffn_flop_share_train']:.1f}% of a dense training step's matmul FLOPs."]
+              f"The FFN is {100 * result['ffn_flop_share_train']:.1f}% of a dense training step's matmul FLOPs.",
+              "", "eval ms to the Q halt: the eval batch's time x mean halt steps / supervision steps, what inference "
+              "costs when every puzzle stops where its Q head says halt (ACT, the vertical exit)."]
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(result, out / f"{stem}.png")
 
@@ -250,8 +253,12 @@ def finish_rows(result: dict, timings: dict, arch: dict, seq_len: int, vocab: in
     rows = []
     for c in sorted({r["capacity"] for r in result["runs"]}, reverse=True):
         runs = [r for r in result["runs"] if r["capacity"] == c]
-        rows.append({"capacity": c, "runs": runs,
-                     "realised_capacity": statistics.fmean(r["realised_capacity"] for r in runs), **speed(c)})
+        row = {"capacity": c, "runs": runs,
+               "realised_capacity": statistics.fmean(r["realised_capacity"] for r in runs), **speed(c)}
+        # The vertical exit: one eval batch's time if every puzzle stopped at its Q-head halt (steps cost alike).
+        halt = statistics.fmean(r["mean_halt_steps"] for r in runs)
+        row["eval_ms_to_halt"] = row["eval_batch_ms"] * halt / arch["halt_max_steps"]
+        rows.append(row)
     result["rows"] = rows
     result["no_ffn"] = speed(NO_FFN)
 
@@ -266,7 +273,8 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=None, help="run folders (default: outputs/<stem>)")
     parser.add_argument("--data-root", type=Path, default=ROOT / "data")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per capacity (default 7; toy 2)")
-    parser.add_argument("--skip-training", action="store_true", help="timing and FLOPs only")
+    parser.add_argument("--skip-training", action="store_true",
+                        help="timing and FLOPs only; with --add-to: rewrite that record's table and plot")
     parser.add_argument("--add-to", type=Path, default=None,
                         help="an earlier record (its .json): add these runs (e.g. another seed) to it, keep its timing")
     args = parser.parse_args()
@@ -309,7 +317,7 @@ def main() -> None:
         print("[trm_capacity] timing (ms, median): " + ", ".join(
             f"c={c}: train {t['train_step_ms']:.1f}, eval {t['eval_batch_ms']:.1f}" for c, t in timings.items()),
             flush=True)
-    if args.skip_training:
+    if args.skip_training and args.add_to is None:
         result["runs"] = [{"capacity": c, "seed": None, "exact_accuracy": float("nan"),
                            "exact_accuracy_at_halt": float("nan"), "mean_halt_steps": float("nan"),
                            "realised_capacity": routed_count(c, seq_len) / seq_len if c < 1 else 1.0}
