@@ -161,7 +161,8 @@ def measure(arch: dict, capacities: list[float], seq_len: int, vocab: int, train
             if rep >= warmup:
                 samples[c]["train"].append(t_train)
                 samples[c]["eval"].append(t_eval)
-    return {c: {"train_step_ms": 1e3 * statistics.median(s["train"]), "eval_batch_ms": 1e3 * statistics.median(s["eval"]),
+    return {c: {"train_step_ms": 1e3 * statistics.median(s["train"]),
+                "eval_batch_ms": 1e3 * statistics.median(s["eval"]),
                 "train_step_ms_all": [round(1e3 * t, 2) for t in s["train"]],
                 "eval_batch_ms_all": [round(1e3 * t, 2) for t in s["eval"]]} for c, s in samples.items()}
 
