@@ -33,6 +33,8 @@ SMOKE = ("experiment=smoke",)
     (["train.lr=${nope}"], "error: invalid config: Interpolation key 'nope' not found"),
     (["arch.mixer=attention", "arch.hidden_size=30", "arch.num_heads=4"],
      "error: invalid config: arch: hidden_size 30 is not divisible by num_heads 4"),
+    (["arch.ffn_capacity=1.5"], "error: invalid config: arch.ffn_capacity: Input should be less than or equal to 1 "
+                                "(got 1.5)"),
 
 ])
 def test_config_mistakes_are_one_line_and_create_nothing(overrides, expected, tmp_path, data_root):

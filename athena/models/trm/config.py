@@ -51,6 +51,11 @@ class TRMConfig(BaseModel):
     amrpa_decay: float = Field(default=_AMRPA.memory_decay, gt=0, le=1)  # weight gamma**distance (in applications)
     amrpa_gate_init_strength: float = Field(default=_AMRPA.gate_init_strength, ge=0, le=1)  # 0: starts as without
     amrpa_alpha_mlp_hidden: int = Field(default=_AMRPA.alpha_mlp_hidden, gt=0)  # width of the selection MLP
+    # Capacity routing of each block's channel FFN (athena/models/trm/routing.py): the share of positions per
+    # sequence and application that run it; 1.0 = dense, no routers. z-loss weight as ST-MoE; entropy optional.
+    ffn_capacity: float = Field(default=1.0, gt=0, le=1)
+    router_z_loss_weight: float = Field(default=1e-3, ge=0)
+    router_entropy_weight: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _shapes_fit(self) -> TRMConfig:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athena.models.trm.routing import RoutedFFN
+
 
 def trunc_normal_(tensor: torch.Tensor, std: float, bound: float = 2.0) -> torch.Tensor:
     """Fill `tensor` with a normal truncated at +-bound standard deviations whose ACTUAL std is `std`.
@@ -132,10 +134,11 @@ class Block(nn.Module):
     mixer="attention": h = norm(h + attn(h))                              norm over hidden
     mixer="mlp"      : h^T = norm(h^T + swiglu_seq(h^T)), h^T = (B, D, L)  norm over the sequence axis,
                        exactly as the official TRM-MLP does (the mixer's residual lives in the transposed frame)
-    then             : h = norm(h + swiglu(h))
+    then             : h = norm(h + swiglu(h))   (ffn_capacity < 1: on the router's positions only, routing.py)
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, expansion: float, mixer: str, total_len: int, eps: float):
+    def __init__(self, hidden_size: int, num_heads: int, expansion: float, mixer: str, total_len: int, eps: float,
+                 ffn_capacity: float = 1.0):
         super().__init__()
         self.mixer, self.eps = mixer, eps
         if mixer == "attention":
@@ -143,6 +146,8 @@ class Block(nn.Module):
         else:
             self.seq_mlp = SwiGLU(total_len, expansion)
         self.mlp = SwiGLU(hidden_size, expansion)
+        # Built after the block's own weights, and only when routing: capacity 1.0 draws the same init as before.
+        self.routed_ffn = RoutedFFN(hidden_size, ffn_capacity) if ffn_capacity < 1 else None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         # h: (batch, seq, hidden). cos/sin are passed separately (not as a tuple) so checkpoint() sees tensors.
@@ -154,4 +159,9 @@ class Block(nn.Module):
             ht = h.transpose(1, 2)  # (batch, hidden, seq)
             ht = rms_norm(ht + self.seq_mlp(ht), self.eps)
             h = ht.transpose(1, 2)
+        if self.routed_ffn is not None:
+            return self.routed_ffn(h, self.mlp, self._norm)
         return rms_norm(h + self.mlp(h), self.eps)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.eps)

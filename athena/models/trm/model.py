@@ -95,7 +95,9 @@ class TinyRecursiveModel(nn.Module):
             mixer=mixer,
             total_len=self.total_len,
             eps=config.rms_norm_eps,
+            ffn_capacity=config.ffn_capacity,
         )
+        self.routers = [layer.routed_ffn for layer in self.net.layers if layer.routed_ffn is not None]
 
         # Fixed (not learned) starting points of y and z, broadcast to every position of a fresh slot.
         self.register_buffer("H_init", trunc_normal_(torch.empty(hidden_size), std=1.0))  # (hidden,)
@@ -178,6 +180,8 @@ class TinyRecursiveModel(nn.Module):
         stream = torch.get_autocast_dtype(device) if (
             self.stream_dtype == "autocast" and torch.is_autocast_enabled(device)) else None
         z_H, z_L, steps, data = self.reset_slots(carry, batch, stream)
+        for router in self.routers:  # drop what an activation-checkpoint recompute left since the last forward
+            router.take_aux()
         x = self.embed_input(data["inputs"], data["puzzle_identifiers"], stream)  # (B, L, hidden)
         z_H, z_L = self.recurse(z_H, z_L, x)
 
@@ -193,8 +197,29 @@ class TinyRecursiveModel(nn.Module):
         )
         if self.recursion_memory is not None:  # AMRPA's regularisers (diversity, gate) join the loss
             loss = self.recursion_memory.finish(loss, logits.shape[0])
+        if self.routers:
+            loss = self.add_router_terms(loss, metrics, batch_size=logits.shape[0])
         new_carry = SupervisionCarry(z_H.detach(), z_L.detach(), steps, halted, data)
         return new_carry, SupervisionOutput(loss, metrics, logits, q_halt_logits)
+
+    def add_router_terms(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """Capacity routing (ffn_capacity < 1): the routers' aux losses of this step's grad-enabled applications
+        join the loss (weighted per sample: the loss is a sum over the batch), their means and the realised
+        capacity join the metrics (logged as means per step)."""
+        z_losses, entropies = [], []
+        for router in self.routers:
+            z, entropy = router.take_aux()
+            if z is not None:
+                z_losses.append(z)
+                entropies.append(entropy)
+        realised = sum(router.realised_capacity(self.total_len) for router in self.routers) / len(self.routers)
+        metrics["realised_capacity"] = torch.tensor(realised, device=loss.device)
+        if z_losses:
+            z, entropy = torch.stack(z_losses).mean(), torch.stack(entropies).mean()
+            cfg = self.config
+            loss = loss + batch_size * (cfg.router_z_loss_weight * z + cfg.router_entropy_weight * entropy)
+            metrics["router_z_loss"], metrics["router_entropy"] = z.detach(), entropy.detach()
+        return loss
 
     # ---- helpers for the trainer ----
 
