@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 nice -n 5 python bench/trm_capacity.py --out docs/results/adaptive      # trm_small, sudoku6
     python bench/trm_capacity.py --toy --out /tmp/trm_capacity_toy                            # seconds, plumbing
+    python bench/trm_capacity.py --device cuda --out $OUT --seeds 0,1                          # the GPU's numbers
     ... --seeds 1 --add-to docs/results/adaptive/trm_capacity_cpu_<date>.json    # another seed, same timing
 
 Per capacity (and seed), in this order:
@@ -18,7 +19,7 @@ Per capacity (and seed), in this order:
      outright): the time ceiling of FFN skipping, c -> 0;
 3. the FLOP share removed, counted from the shapes (`routed_flops`: the FFN's matmuls against the whole block's +
    the heads, router added), i.e. the FLOP ceiling of the speedup, for a training step and for eval.
-Timing runs first (minutes), then the training runs in the order of --capacities; <out>/trm_capacity_cpu_<date>
+Timing runs first (minutes), then the training runs in the order of --capacities; <out>/trm_capacity_<device>_<date>
 .json/.md/.png are rewritten after every run ("partial": true until the last): the .png plots exact accuracy vs
 measured speedup over dense, with the FLOP ceiling.
 """
@@ -42,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from athena.device import autocast_for  # noqa: E402
 from athena.models.trm import TinyRecursiveModel  # noqa: E402
 from athena.models.trm.layers import swiglu_intermediate_size  # noqa: E402
 from athena.models.trm.routing import routed_count  # noqa: E402
@@ -79,8 +81,9 @@ def routed_flops(arch: dict, seq_len: int, vocab_size: int, capacity: float) -> 
 
 
 # ------------------------------------------------------------------------------------------------ training runs
-def train_run(capacity: float, seed: int, run_dir: Path, data_root: Path, toy: bool, steps: int | None) -> dict:
-    overrides = ["arch=trm_small", "data=sudoku6", f"arch.ffn_capacity={capacity}", f"seed={seed}", "device=cpu",
+def train_run(capacity: float, seed: int, run_dir: Path, data_root: Path, toy: bool, steps: int | None,
+              device: str) -> dict:
+    overrides = ["arch=trm_small", "data=sudoku6", f"arch.ffn_capacity={capacity}", f"seed={seed}", f"device={device}",
                  f"hydra.run.dir={run_dir}", f"data_root={data_root}"]
     if toy:
         overrides += [f"arch.{k}={v}" for k, v in TOY_ARCH.items() if k != "mixer"]
@@ -123,37 +126,47 @@ class Timer:
     """One model per capacity; `train_step()` / `eval_batch()` return seconds of one call. Routing counts do not
     depend on the weights, so random ones time the same as trained ones."""
 
-    def __init__(self, arch: dict, capacity: float, seq_len: int, vocab: int, train_batch: int, eval_batch: int):
+    def __init__(self, arch: dict, capacity: float, seq_len: int, vocab: int, train_batch: int, eval_batch: int,
+                 device: torch.device):
         torch.manual_seed(0)
-        self.model = TinyRecursiveModel(vocab, seq_len, 1, **arch, ffn_capacity=capacity)
+        self.device = device
+        self.model = TinyRecursiveModel(vocab, seq_len, 1, **arch, ffn_capacity=capacity).to(device)
         self.opt = AdamAtan2(self.model.parameters(), lr=1e-4)
-        self.train_data = puzzle_batch(train_batch, seq_len, vocab, seed=1)
-        self.eval_data = puzzle_batch(eval_batch, seq_len, vocab, seed=2)
+        self.train_data = {k: v.to(device) for k, v in puzzle_batch(train_batch, seq_len, vocab, seed=1).items()}
+        self.eval_data = {k: v.to(device) for k, v in puzzle_batch(eval_batch, seq_len, vocab, seed=2).items()}
         self.steps = arch["halt_max_steps"]
+        _, self.autocast = autocast_for(device, "auto")  # as the recipe runs: bf16 autocast on CUDA, fp32 on CPU
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def train_step(self) -> float:
         self.model.train()
-        start = time.perf_counter()
-        _, out = self.model(self.model.initial_carry(self.train_data), self.train_data)
+        start = self._now()
+        with self.autocast():
+            _, out = self.model(self.model.initial_carry(self.train_data), self.train_data)
         out.loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return self._now() - start
 
     @torch.no_grad()
     def eval_batch(self) -> float:
         self.model.eval()
-        start = time.perf_counter()
+        start = self._now()
         carry = self.model.initial_carry(self.eval_data)
-        for _ in range(self.steps):
-            carry, out = self.model(carry, self.eval_data)
+        with self.autocast():
+            for _ in range(self.steps):
+                carry, out = self.model(carry, self.eval_data)
         out.logits.argmax(-1)
-        return time.perf_counter() - start
+        return self._now() - start
 
 
 def measure(arch: dict, capacities: list[float], seq_len: int, vocab: int, train_batch: int, eval_batch: int,
-            repeats: int, warmup: int) -> dict[float, dict]:
-    timers = {c: Timer(arch, c, seq_len, vocab, train_batch, eval_batch) for c in capacities}
+            repeats: int, warmup: int, device: torch.device) -> dict[float, dict]:
+    timers = {c: Timer(arch, c, seq_len, vocab, train_batch, eval_batch, device) for c in capacities}
     samples: dict[float, dict[str, list[float]]] = {c: {"train": [], "eval": []} for c in capacities}
     for rep in range(warmup + repeats):
         for c, timer in timers.items():  # round-robin: drift on a shared machine hits every capacity alike
@@ -266,7 +279,7 @@ def finish_rows(result: dict, timings: dict, arch: dict, seq_len: int, vocab: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder for trm_capacity_cpu_<date>.json/.md/.png")
+    parser.add_argument("--out", required=True, type=Path, help="folder for trm_capacity_<device>_<date>.json/.md/.png")
     parser.add_argument("--toy", action="store_true", help="tiny TRM on sudoku4, a few steps (plumbing only)")
     parser.add_argument("--capacities", default="1.0,0.75,0.5,0.25")
     parser.add_argument("--seeds", default="0")
@@ -276,6 +289,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per capacity (default 7; toy 2)")
     parser.add_argument("--skip-training", action="store_true",
                         help="timing and FLOPs only; with --add-to: rewrite that record's table and plot")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where both the training runs and the timing run (cuda: bf16 autocast, as the recipe)")
     parser.add_argument("--add-to", type=Path, default=None,
                         help="an earlier record (its .json): add these runs (e.g. another seed) to it, keep its timing")
     args = parser.parse_args()
@@ -290,7 +305,10 @@ def main() -> None:
     repeats = args.repeats or (2 if args.toy else 7)
     warmup = 1 if args.toy else 2
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
-    stem = f"trm_capacity{'_toy' if args.toy else ''}_cpu_{date}"
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda asked for, but no CUDA GPU is visible; use --device cpu")
+    stem = f"trm_capacity{'_toy' if args.toy else ''}_{args.device}_{date}"
     args.out.mkdir(parents=True, exist_ok=True)
     runs_dir = args.runs_dir or ROOT / "outputs" / stem
     if args.add_to is not None:  # more runs for an earlier record: same timing, same files
@@ -304,7 +322,8 @@ def main() -> None:
         runs_dir = args.runs_dir or ROOT / "outputs" / stem
     else:
         result = {
-            "partial": True, "device": "CPU", "date": date, "machine": f"{platform.processor() or platform.machine()}, "
+            "partial": True, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+            "date": date, "machine": f"{platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} cores, torch {torch.__version__}", "threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "command": "python " + " ".join(sys.argv),
             "arch": arch, "data": "sudoku4 (toy)" if args.toy else "sudoku6", "seeds": seeds,
@@ -313,7 +332,7 @@ def main() -> None:
         }
         # Timing first (a few minutes at most): a study cut short by a deadline still has its speed columns.
         timings = measure(arch, sorted({*capacities, NO_FFN}, reverse=True), seq_len, vocab, train_batch,
-                          eval_batch, repeats, warmup)
+                          eval_batch, repeats, warmup, device)
         result["timings"] = {str(c): t for c, t in timings.items()}
         print("[trm_capacity] timing (ms, median): " + ", ".join(
             f"c={c}: train {t['train_step_ms']:.1f}, eval {t['eval_batch_ms']:.1f}" for c, t in timings.items()),
@@ -325,7 +344,7 @@ def main() -> None:
                           for c in capacities]
     for seed in [] if args.skip_training else seeds:
         for c in capacities:
-            run = train_run(c, seed, runs_dir / f"c{c}_s{seed}", args.data_root, args.toy, args.steps)
+            run = train_run(c, seed, runs_dir / f"c{c}_s{seed}", args.data_root, args.toy, args.steps, args.device)
             result["runs"].append(run)
             print(f"[trm_capacity] c={c} seed={seed}: exact {run['exact_accuracy']:.4f}, at halt "
                   f"{run['exact_accuracy_at_halt']:.4f} after {run['mean_halt_steps']:.2f} steps, realised "

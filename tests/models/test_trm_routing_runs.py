@@ -84,3 +84,12 @@ def test_study_script_toy_mode_writes_its_table_and_plot(tmp_path, data_root):
     assert result["no_ffn"]["train_flop_ceiling"] > rows[0.5]["train_flop_ceiling"] > 1
     assert report.with_suffix(".md").read_text().count("\n| ") == 3  # the header and two capacities
     assert report.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_study_script_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "bench/trm_capacity.py", "--toy", "--device", "cuda", "--out",
+                           str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == "error: --device cuda asked for, but no CUDA GPU is visible; use --device cpu"
+    assert not (tmp_path / "out").exists()  # refused before anything was written
