@@ -44,8 +44,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from athena.device import autocast_for  # noqa: E402
+from athena.eval.flops import layer_flops  # noqa: E402
 from athena.models.trm import TinyRecursiveModel  # noqa: E402
-from athena.models.trm.layers import swiglu_intermediate_size  # noqa: E402
 from athena.models.trm.routing import routed_count  # noqa: E402
 from athena.training.optimizers import AdamAtan2  # noqa: E402
 
@@ -62,14 +62,7 @@ def routed_flops(arch: dict, seq_len: int, vocab_size: int, capacity: float) -> 
     round(c x L) of the L positions and the router's 2*L*D (capacity < 1). {"train": forward + backward (the last
     H cycle differentiated, backward = 2x forward), "eval": forward only, "ffn_train", "ffn_eval": the FFN part}."""
     D, L = arch["hidden_size"], arch["puzzle_emb_len"] + seq_len
-    inter = swiglu_intermediate_size(D, arch["expansion"])
-    if arch["mixer"] == "attention":
-        mixer = 2 * L * (D * 3 * D + D * D) + 4 * L * L * D
-    else:
-        inter_seq = swiglu_intermediate_size(L, arch["expansion"])
-        mixer = 2 * D * (L * 2 * inter_seq + inter_seq * L)
-    routed = L if capacity >= 1 else routed_count(capacity, L)
-    ffn = 2 * routed * (D * 2 * inter + inter * D)
+    mixer, ffn = layer_flops(arch, seq_len, L if capacity >= 1 else routed_count(capacity, L))
     router = 0 if capacity >= 1 else 2 * L * D
     layers = arch["num_layers"]
     fwd_apps = arch["H_cycles"] * (arch["L_cycles"] + 1)
