@@ -120,7 +120,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, ylabel: str = "lm-eval accuracy (%)",
+         title: str = "Continual learning: accuracy of each task") -> None:
     from athena.eval.plots import plt
 
     names = [t["name"] for t in result["tasks"]]
@@ -129,7 +130,7 @@ def plot(result: dict, path: Path) -> None:
         for j, name in enumerate(names):
             ax.plot(range(1, len(variant["matrix"]) + 1), [100 * row[j] for row in variant["matrix"]], style,
                     marker="o", color=f"C{j}", label=f"{name} ({variant['name']})")
-    ax.set(xlabel="after stage", ylabel="lm-eval accuracy (%)", title="Continual learning: accuracy of each task")
+    ax.set(xlabel="after stage", ylabel=ylabel, title=title)
     ax.set_xticks(range(1, len(names) + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")

@@ -1,6 +1,6 @@
-"""bench/freezing.py and bench/continual.py in --toy mode on the CPU (the GPU studies' plumbing): every variant and
-stage runs through the real loop and lm-eval, and the records hold what docs/freezing.md and docs/continual.md
-read. The numbers of a few toy steps mean nothing; their shape and consistency are checked."""
+"""bench/freezing.py, bench/continual.py and bench/continual_trm.py in --toy mode on the CPU (the studies' plumbing):
+every variant and stage runs through the real loop (and lm-eval, for the text studies), and the records hold what
+docs/freezing.md and docs/continual.md read. The numbers of a few toy steps mean nothing; their shape and consistency are checked."""
 
 from __future__ import annotations
 
@@ -58,6 +58,35 @@ def test_continual_bench_fills_the_accuracy_matrix_with_and_without_rehearsal(tm
         replayed = [r["rehearsal/replayed_fraction"] for r in rows if "rehearsal/replayed_fraction" in r]
         assert replayed == ([0.25] if stage["rehearsal"] else []), stage
     assert "**rehearsal**" in (tmp_path / "continual.md").read_text() and (tmp_path / "continual.png").is_file()
+
+
+def test_trm_continual_bench_chains_sudoku_to_sudoku_x_and_replays_sudoku(tmp_path, data_root):
+    run_bench("continual_trm.py", tmp_path, data_root, "--steps", "4", "--jobs", "2")
+    result = json.loads((tmp_path / "continual_trm_toy.json").read_text())
+    runs = {r["name"]: r for r in result["runs"]}
+    assert set(runs) == {"stage1", "scratch", "stage2_plain", "stage2_rehearsal"}
+    stage1_weights = os.path.join(runs["stage1"]["run_dir"], "checkpoints", "last.pt")
+    for name, run in runs.items():
+        config = json.load(open(os.path.join(run["run_dir"], "config.json")))
+        assert config["data"]["name"] == ("sudoku4" if name == "stage1" else "sudoku4_x")
+        assert config["init_from"] == (stage1_weights if name.startswith("stage2") else None)
+        assert config["train"]["steps"] == 4
+        # Scored on both test splits: one evaluate.py record per task, each on its own data.
+        for task, accuracy in zip(("sudoku4", "sudoku4_x"), run["accuracy"]):
+            scored = json.load(open(os.path.join(run["run_dir"], "eval", f"on_{task}.json")))
+            assert scored["data"] == task and scored["exact_accuracy"] == accuracy and 0 <= accuracy <= 1
+        rows = [json.loads(line) for line in open(os.path.join(run["run_dir"], "metrics.jsonl"))]
+        replayed = [r["rehearsal/replayed_fraction"] for r in rows if "rehearsal/replayed_fraction" in r]
+        assert replayed == ([0.25, 0.25] if name == "stage2_rehearsal" else []), name  # 8 of smoke's 32 rows
+    plain, replay = result["variants"]
+    assert (plain["name"], replay["name"]) == ("no rehearsal", "rehearsal")
+    assert plain["matrix"] == [runs["stage1"]["accuracy"], runs["stage2_plain"]["accuracy"]]
+    assert replay["matrix"] == [runs["stage1"]["accuracy"], runs["stage2_rehearsal"]["accuracy"]]
+    for variant in result["variants"]:
+        m = variant["matrix"]
+        assert variant["summary"]["forgetting"] == pytest.approx([m[0][0] - m[1][0]])
+    assert "from scratch" in (tmp_path / "continual_trm_toy.md").read_text()
+    assert (tmp_path / "continual_trm_toy.png").is_file()
 
 
 def test_prefix_bench_freezes_what_it_says(tmp_path):
