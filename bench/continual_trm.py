@@ -91,8 +91,8 @@ def score(args, run_info: dict, task: dict) -> float:
 
 def markdown(result: dict) -> str:
     names = [t["name"] for t in result["tasks"]]
-    lines = [f"Device: {result['device']} ({result['threads']}); {result['model']}, {result['steps']} steps per run, seed "
-             f"{result['seed']}; exact accuracy (EMA weights) on each task's whole test split. Rehearsal: budget "
+    lines = [f"Device: {result['device']} ({result['threads']}); {result['model']}, {result['steps']} steps per run, "
+             f"seed {result['seed']}; exact accuracy (EMA weights) on each task's whole test split. Rehearsal: budget "
              f"{result['budget']}, replay ratio {result['replay_ratio']}.", ""]
     header = "| after | " + " | ".join(names) + " |"
     for variant in result["variants"]:

@@ -1,6 +1,7 @@
 """bench/freezing.py, bench/continual.py and bench/continual_trm.py in --toy mode on the CPU (the studies' plumbing):
 every variant and stage runs through the real loop (and lm-eval, for the text studies), and the records hold what
-docs/freezing.md and docs/continual.md read. The numbers of a few toy steps mean nothing; their shape and consistency are checked."""
+docs/freezing.md and docs/continual.md read. The numbers of a few toy steps mean nothing; their shape and consistency
+are checked."""
 
 from __future__ import annotations
 
