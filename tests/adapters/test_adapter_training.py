@@ -179,10 +179,13 @@ def test_adapter_run_learns_on_the_tiny_task(method, request, base_run):
     # batches, 1.89-1.91 (spread 0.024; measured with train.lr=1e-12), and its eval equals the base's exactly.
     # Working runs go 1.79 -> 1.44 (LoRA) and 1.66 -> 1.43 (poly; the first window already follows 3 updates):
     # drops of 0.35 and 0.23. Requiring 0.1 is 4x the spread of a run that does not learn and under half the
-    # smaller working drop.
+    # smaller working drop. Each logged loss is taken on batches before the step that trains on them, and 20 steps
+    # of 32 never repeat a training puzzle (24 x 41 of them), so the drop is on unseen puzzles: generalisation.
     assert losses[0] - losses[-1] > 0.1, losses
-    # Eval on fixed puzzles: the base scores 41 of 192 tokens, these runs 49 (LoRA) and 52 (poly).
-    assert adapted["token_accuracy"] > base["token_accuracy"], (adapted, base)
+    # Not asserted: test token accuracy against the base's. The 20-step base is at chance (4 digits: 25%) and 12
+    # test puzzles are 192 tokens, so the order flips with the CPU's summation order (41 -> 49 of 192 tokens on
+    # the machine that wrote this, 44 -> 35 on an AVX-512 Xeon): it measured noise, not the adapter.
+    assert adapted["count"] == base["count"] == 12 and 0 <= adapted["token_accuracy"] <= 1
 
 
 def test_poly_run_logs_the_router_loss(poly_run):
