@@ -212,7 +212,7 @@ class TinyRecursiveModel(nn.Module):
             if z is not None:
                 z_losses.append(z)
                 entropies.append(entropy)
-        realised = sum(router.realised_capacity(self.total_len) for router in self.routers) / len(self.routers)
+        realised = self.routers[0].realised_capacity(self.total_len)  # every router has the config's capacity
         metrics["realised_capacity"] = torch.tensor(realised, device=loss.device)
         if z_losses:
             z, entropy = torch.stack(z_losses).mean(), torch.stack(entropies).mean()
