@@ -18,8 +18,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
@@ -44,6 +45,30 @@ def num_processes(num_items: int) -> int:
     return max(1, min(os.cpu_count() or 1, num_items))
 
 
+def _default_signals() -> None:
+    """Pool worker initializer. A forked worker inherits the parent's Python signal handlers (pretrain.py installs
+    some), and a Python handler can miss a SIGTERM that lands just before the worker blocks on the task queue's
+    lock: the worker then never exits and Pool.terminate() waits on it forever (seen in CI). The kernel's default
+    action cannot miss it. Ctrl-C reaches the whole process group: the parent handles it and ends the pool."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def _worker_pool(processes: int):
+    """A process pool that, when its block ends normally, lets its workers finish and exit on their own (close +
+    join: no signal needed); on an exception it terminates them."""
+    pool = multiprocessing.Pool(processes, initializer=_default_signals)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
 def parallel_map(fn: Callable, items: Iterable, *, desc: str) -> list:
     """[fn(x) for x in items] over min(cpu_count, len(items)) processes, in order, with a progress bar.
     `fn` must be a module-level function; determinism is the caller's job (seed each item from its index)."""
@@ -51,7 +76,7 @@ def parallel_map(fn: Callable, items: Iterable, *, desc: str) -> list:
     processes = num_processes(len(items))
     if processes == 1:
         return [fn(x) for x in tqdm(items, desc=desc)]
-    with multiprocessing.Pool(processes) as pool:
+    with _worker_pool(processes) as pool:
         chunksize = max(1, len(items) // (processes * 16))
         return list(tqdm(pool.imap(fn, items, chunksize=chunksize), total=len(items), desc=desc))
 
@@ -65,9 +90,9 @@ def generate_distinct(worker: Callable[[Any], tuple[Any, Hashable]], make_args: 
     accepted: list = []
     next_index = 0
     max_attempts = max_attempts if max_attempts is not None else 4 * count + 1000
-    progress = tqdm(total=count, desc=desc)
-    pool = multiprocessing.Pool(num_processes(count)) if num_processes(count) > 1 else None
-    try:
+    processes = num_processes(count)
+    pool_or_none = _worker_pool(processes) if processes > 1 else nullcontext()
+    with tqdm(total=count, desc=desc) as progress, pool_or_none as pool:
         while len(accepted) < count:
             if next_index >= max_attempts:
                 raise DatasetError(
@@ -82,10 +107,6 @@ def generate_distinct(worker: Callable[[Any], tuple[Any, Hashable]], make_args: 
                     seen.add(key)
                     accepted.append(item)
                     progress.update(1)
-    finally:
-        progress.close()
-        if pool is not None:
-            pool.terminate()
     return accepted
 
 

@@ -344,8 +344,8 @@ class PretrainRecipe:
         owner = os.getpid()
 
         def stop(signum, frame):
-            if os.getpid() != owner:  # a forked worker (the dataset builder's pool, which terminate() ends with
-                return _default_signal(signum, frame, previous[signum])  # SIGTERM) keeps the default behaviour
+            if os.getpid() != owner:  # a forked worker (a DataLoader's; the dataset builder's pool resets its
+                return _default_signal(signum, frame, previous[signum])  # own) keeps the default behaviour
             raise TrainingStopped(self._stopped_outside_the_loop(signal.Signals(signum).name))
 
         previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
