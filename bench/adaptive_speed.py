@@ -284,13 +284,10 @@ def plot(records: list[dict], path: Path) -> None:
     for ax, record in zip(axes[0], records):
         for exits, marker in ((False, "o"), (True, "s")):
             rows = [r for r in record["rows"] if r["exits"] == exits]
-            x = [r["speedup"] for r in rows]
-            if rows and "perplexity_increase" in rows[0]:
-                y = [100 * r["perplexity_increase"] for r in rows]
-                ax.set_ylabel("perplexity increase (%)")
-            else:
-                y = [r["capacity"] for r in rows]
-                ax.set_ylabel("capacity")
+            # capacity on y, not perplexity: untrained routers put perplexity orders of magnitude apart, which
+            # hides the speed comparison this plot is for (perplexity is in the JSON and the printed lines)
+            x, y = [r["speedup"] for r in rows], [r["capacity"] for r in rows]
+            ax.set_ylabel("capacity")
             label = "with exits" if exits else "FFN routing only"
             ax.plot(x, y, marker=marker, label=f"{label}: measured")
             ax.plot([r["time_ceiling"] for r in rows], y, marker=marker, linestyle="--", alpha=0.6,

@@ -3,9 +3,10 @@
     python bench/summarise_lm_adaptation.py multirun/lm_adaptation/<date>/<time> [--out docs/results/lm/adaptation]
 
 One row per task and method: trainable parameters (count and share), lm-eval accuracy of the task before (the
-step-0 eval: the base, zero-shot) and after fine-tuning, the median step time and tokens/s (the first log window,
-which holds start-up, left out), peak GPU memory. Writes adaptation.md, adaptation.json and adaptation.png (accuracy
-after fine-tuning against trainable parameters, one panel per task, the zero-shot base as a line).
+step-0 eval: the base, zero-shot) and after fine-tuning, the median step time and labelled (answer) tokens/s (the
+first log window, which holds start-up, left out), peak GPU memory. Writes adaptation.md, adaptation.json and
+adaptation.png (accuracy after fine-tuning against trainable parameters, one panel per task, the zero-shot base as a
+line).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def markdown(rows: list[dict]) -> str:
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
-    lines = ["| task | method | trainable | share | lm-eval acc before | after | step ms | tokens/s | peak GB |",
+    lines = ["| task | method | trainable | share | lm-eval acc before | after | step ms | labelled tokens/s "
+             "| peak GB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         share = r["trainable"] / r["total"] if r["trainable"] and r["total"] else None
