@@ -196,7 +196,7 @@ def write_report(result: dict, out: Path, stem: str) -> None:
             f"{fmt_runs(r, 'exact_accuracy_at_halt')} | {fmt_runs(r, 'mean_halt_steps', pct=False)} | "
             f"{r['train_step_ms']:.1f} | {r['train_speedup']:.3f}x | {r['train_flop_ceiling']:.3f}x | "
             f"{r['eval_batch_ms']:.1f} | {r['eval_speedup']:.3f}x | {r['eval_flop_ceiling']:.3f}x | "
-            f"{100 * r['flop_share_removed_train']:.1f}% | {fmt_ms(r['eval_ms_to_halt'])} |")
+            f"{100 * r['flop_share_removed_train']:.1f}% | {fmt(r['eval_ms_to_halt'], '.0f')} |")
     no_ffn = result["no_ffn"]
     lines += ["", f"No FFN at all (k = 0 positions routed; the time ceiling of FFN skipping as c -> 0): train step "
               f"{no_ffn['train_step_ms']:.1f} ms ({no_ffn['train_speedup']:.3f}x), eval batch "
@@ -209,14 +209,12 @@ def write_report(result: dict, out: Path, stem: str) -> None:
     plot(result, out / f"{stem}.png")
 
 
-def fmt_ms(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.0f}"  # -: no trained run says where the Q head halts
+def fmt(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)  # NaN: no trained run (--skip-training)
 
 
 def fmt_runs(row: dict, key: str, pct: bool = True) -> str:
-    values = [run[key] for run in row["runs"]]
-    shown = ["-" if math.isnan(v) else f"{100 * v:.1f}%" if pct else f"{v:.2f}" for v in values]  # -: not trained
-    return " / ".join(shown)
+    return " / ".join(fmt(run[key], ".1%") if pct else fmt(run[key], ".2f") for run in row["runs"])
 
 
 def plot(result: dict, path: Path) -> None:

@@ -5,7 +5,6 @@ and the committed table is what the script makes from them today."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import ROOT
 

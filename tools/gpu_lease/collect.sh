@@ -8,4 +8,4 @@ tar -C /tmp/lm_study -czf $OUT/lm_study.tgz --exclude='*.pt' --exclude='*.safete
 w=$(cat /tmp/lm_tree); cd $w
 export PYTHONPATH=/tmp/site:$w ATHENA_DATA_DIR=/tmp/athena_gpu_data HF_HUB_OFFLINE=1 WANDB_MODE=offline
 python3 bench/summarise_lm_adaptation.py /tmp/lm_study --out $OUT/lm_summary > $OUT/lm_summary.log 2>&1
-tail -20 $OUT/lm_summary.log; for m in $(ls /tmp/lm_*.log); do echo "== $m"; tail -c 300 $m; done
+tail -20 $OUT/lm_summary.log; for m in /tmp/lm_*.log; do echo "== $m"; tail -c 300 $m; done
