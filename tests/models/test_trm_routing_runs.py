@@ -93,3 +93,15 @@ def test_study_script_refuses_cuda_without_a_gpu_in_one_line(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.strip() == "error: --device cuda asked for, but no CUDA GPU is visible; use --device cpu"
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_timing_only_record_shows_untrained_cells_as_dashes(tmp_path):
+    """A --skip-training record (the H100 timing) has no accuracies or halt steps (NaN in its JSON): its table says
+    "-" there, not "nan%", and keeps the timings."""
+    stem = "trm_capacity_h100_2026-12-05"
+    trm_capacity.write_report(json.loads((ROOT / "docs" / "results" / "adaptive" / f"{stem}.json").read_text()), tmp_path,
+                       stem)
+    rows = [line for line in (tmp_path / f"{stem}.md").read_text().splitlines() if line.startswith("| 0.5 |")]
+    assert len(rows) == 1 and "nan" not in rows[0]
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert cells[2:5] == ["-", "-", "-"] and cells[-1] == "-" and cells[5] == "35.4"
